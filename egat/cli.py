@@ -1,0 +1,87 @@
+"""The `egat` command line: train, evaluate, list methods (and the pipeline stages' verbs)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from egat.errors import EgatError
+
+CONFIG = click.option(
+    "--config", "config", default="params.yaml", show_default=True,
+    type=click.Path(dir_okay=False), help="params file",
+)
+OVERRIDES = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="override a param, e.g. --set train.steps=100 (repeatable; values parsed as YAML)",
+)
+
+
+def _params(config: str, overrides: tuple[str, ...]):
+    from egat.config import load_params
+
+    return load_params(config, list(overrides))
+
+
+@click.group()
+def cli() -> None:
+    """Explanation-Guided Adversarial Training."""
+
+
+@cli.command()
+def methods() -> None:
+    """List the registered training methods."""
+    from egat.methods import method_registry
+
+    for name in method_registry.names():
+        doc = (method_registry.get(name).__doc__ or "").strip().splitlines()
+        click.echo(f"{name:14s} {doc[0] if doc else ''}")
+
+
+@cli.command()
+@CONFIG
+@OVERRIDES
+@click.option("--run-dir", default=None, help="output folder (default: <train.out_dir>/<method>)")
+def train(config: str, overrides: tuple[str, ...], run_dir: str | None) -> None:
+    """Train one model; writes best.pt, last.pt and train_metrics.json to the run folder."""
+    from egat.train import Trainer
+
+    params = _params(config, overrides)
+    run_dir = run_dir or str(Path(params.train.out_dir) / params.train.method)
+    result = Trainer(params, run_dir).fit()
+    click.echo(json.dumps(result.metrics, indent=2))
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="best.pt of a run")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="metrics JSON to write")
+@OVERRIDES
+def evaluate(checkpoint: str, out: str | None, overrides: tuple[str, ...]) -> None:
+    """Evaluate a checkpoint on the test split of every domain (cAcc, aAcc, Comp, Suff, ...)."""
+    from egat import io
+    from egat.evaluation import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(checkpoint, list(overrides))
+    if out:
+        io.write_json(out, metrics)
+    click.echo(json.dumps(metrics, indent=2))
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except EgatError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

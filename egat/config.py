@@ -1,0 +1,323 @@
+"""The params schema: every tunable number of the project, grouped by pipeline stage.
+
+params.yaml is validated against these models when any stage or command starts; a bad key or value
+raises :class:`ParamsError` naming the key and what would be valid. ``--set a.b=v`` overrides are
+applied before validation (values are parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import copy
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from egat.errors import ParamsError
+
+
+def _fraction(value: Any) -> Any:
+    """Accept '8/255' as well as 0.0314 for epsilons and step sizes."""
+    if isinstance(value, str) and "/" in value:
+        try:
+            return float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            return value
+    return value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EmbeddedParams(Strict):
+    """The offline benchmark: animal-mnist silhouettes on scikit-image textures (docs/data.md)."""
+
+    package: str = "animal-mnist==0.4"
+    wheel_sha256: str = "aeebf3d9de4552d6fd2d5701424e1a5b9020f8e5115d68df9db252f2f53ce2ce"
+    domains: list[str] = ["grass", "gravel", "brick", "camera"]
+    per_class: int = Field(250, ge=10, le=250, description="images per class and domain")
+    image_size: int = Field(32, ge=32, le=64)
+    object_size: int = Field(24, ge=8)
+    jitter: int = Field(4, ge=0)
+    tint_strength: float = Field(0.25, ge=0, le=1)
+    # P(background tint = the class's tint in this domain); each domain also permutes the tints.
+    tint_match: list[float] = [0.9, 0.8, 0.7, 0.6]
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if len(self.tint_match) != len(self.domains):
+            raise ValueError(
+                f"tint_match has {len(self.tint_match)} entries but domains has {len(self.domains)}"
+            )
+        if any(not 0.0 <= p <= 1.0 for p in self.tint_match):
+            raise ValueError("tint_match entries must lie in [0, 1]")
+        if self.object_size + 2 * self.jitter > self.image_size:
+            raise ValueError("object_size + 2*jitter must fit in image_size")
+        return self
+
+
+class SourceParams(Strict):
+    """One downloadable file of a real dataset; an empty sha256 means "not verified" (with a warning)."""
+
+    url: str
+    sha256: str = ""
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v):
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {v!r}")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, v):
+        v = v.strip().lower()
+        if v and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v)):
+            raise ValueError(f"sha256 must be 64 hex digits (or empty: not verified), got {v!r}")
+        return v
+
+
+# The files DomainBed's domainbed/scripts/download.py fetches. DomainBed lists no checksums, so none are
+# pinned here: the first download warns and prints the sha256 to put in params.yaml.
+DEFAULT_SOURCES = {
+    # DomainBed: https://drive.google.com/uc?id=1skwblH1_okBwxWxmRsp9_qi15hyPpxg8 (VLCS.tar.gz). The same
+    # file through Drive's direct endpoint: `uc` answers large files with a virus-scan page, not the file.
+    "vlcs": SourceParams(
+        url="https://drive.usercontent.google.com/download?id=1skwblH1_okBwxWxmRsp9_qi15hyPpxg8"
+        "&export=download&confirm=t"
+    ),
+    # DomainBed used https://lilablobssc.blob.core.windows.net/caltechcameratraps/...; LILA has since moved
+    # the same files to its Google Cloud mirror.
+    "terra_incognita_images": SourceParams(
+        url="https://storage.googleapis.com/public-datasets-lila/caltechcameratraps/eccv_18_all_images_sm.tar.gz"
+    ),
+    "terra_incognita_annotations": SourceParams(
+        url="https://storage.googleapis.com/public-datasets-lila/caltechcameratraps/labels/"
+        "caltech_camera_traps.json.zip"
+    ),
+}
+
+
+class DataParams(Strict):
+    name: Literal["embedded", "vlcs", "terra_incognita", "folder"] = "embedded"
+    dir: str = "data"  # prepared data lives in <dir>/<name>/ (images/, splits.json, guides/)
+    folder_root: str | None = None  # for name=folder: a <root>/<domain>/<class>/* tree
+    image_size: int = Field(32, ge=8, le=1024)
+    split_seed: int = 0
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    augment: bool = False
+    on_corrupt: Literal["error", "skip"] = "error"
+    num_workers: int = Field(0, ge=0)
+    embedded: EmbeddedParams = EmbeddedParams()
+    sources: dict[str, SourceParams] = DEFAULT_SOURCES  # keys left out keep their default
+
+    @field_validator("sources")
+    @classmethod
+    def _default_sources(cls, v):
+        return {**DEFAULT_SOURCES, **v}
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums(cls, v):
+        if any(f <= 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must be positive and sum to 1, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _folder_root(self):
+        if self.name == "folder" and not self.folder_root:
+            raise ValueError("data.name=folder needs data.folder_root (a <root>/<domain>/<class>/* tree)")
+        return self
+
+    @property
+    def root(self) -> Path:
+        return Path(self.dir) / self.name
+
+
+class GuideParams(Strict):
+    variant: Literal["grayscale", "noisy", "golden"] = "grayscale"
+    sigma: float = Field(0.1, ge=0)  # noise std of the `noisy` variant (at feature resolution)
+    sigmas: list[float] = [0.1, 0.3]  # levels the sensitivity study sweeps
+    seed: int = 0
+
+
+class ModelParams(Strict):
+    name: str = "small_resnet"
+    pretrained: str = "none"  # none | imagenet | path to a local state_dict
+    dropout: float = Field(0.1, ge=0, lt=1)
+    channels_last: bool = False
+
+
+class AttackParams(Strict):
+    name: Literal["fgsm", "mifgsm", "pgd"] = "pgd"
+    eps: float = Field(8 / 255, ge=0, le=1)
+    alpha: float = Field(2 / 255, ge=0, le=1)
+    steps: int = Field(10, ge=1)
+    random_start: bool = True
+    decay: float = Field(1.0, ge=0)  # MI-FGSM momentum mu
+    model_mode: Literal["eval", "train"] = "eval"  # the model's mode while the attack runs
+
+    _frac = field_validator("eps", "alpha", mode="before")(lambda v: _fraction(v))
+
+
+class ExplainerParams(Strict):
+    name: str = "gradcam"
+
+
+class TrainParams(Strict):
+    method: str = "egat"
+    domains: list[str] = []  # training domains; empty = the dataset's first domain
+    steps: int = Field(250, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: int = Field(50, ge=1)
+    val_batches: int = Field(0, ge=0)  # 0 = the whole validation split
+    checkpoint_every: int = Field(50, ge=1)
+    seed: int = 0
+    num_threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = leave torch's default
+    backend: Literal["auto", "local", "ray"] = "auto"
+    workers: int = Field(1, ge=1)
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    out_dir: str = "runs"
+    progress: bool = True
+
+
+class SweepParams(Strict):
+    attacks: list[Literal["fgsm", "mifgsm", "pgd"]] = ["fgsm", "mifgsm", "pgd"]
+    eps: list[float] = [0.01, 0.02, 0.03, 0.04]
+    steps: int = Field(10, ge=1)
+
+
+class FaithfulnessParams(Strict):
+    ks: list[float] = [1, 5, 10, 20, 50]  # percent of pixels
+    baseline: Literal["black", "blur"] = "black"
+
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, v):
+        if not v or any(not 0 < k <= 100 for k in v):
+            raise ValueError(f"ks must be percentages in (0, 100], got {v}")
+        return v
+
+
+class EvalParams(Strict):
+    batch_size: int = Field(128, ge=1)
+    max_examples: int = Field(0, ge=0)  # per split; 0 = all
+    attack: AttackParams = AttackParams()
+    sweep: SweepParams = SweepParams()
+    faithfulness: FaithfulnessParams = FaithfulnessParams()
+    stability_top: float = Field(0.1, gt=0, le=1)
+
+
+class StudyParams(Strict):
+    """The DVC train/evaluate matrix: methods x training domains x seeds."""
+
+    methods: list[str] = ["erm", "egat"]
+    train_domains: list[str] = []  # empty = the dataset's first domain
+    seeds: list[int] = [0]
+
+
+class Params(Strict):
+    data: DataParams = DataParams()
+    guides: GuideParams = GuideParams()
+    model: ModelParams = ModelParams()
+    explainer: ExplainerParams = ExplainerParams()
+    attack: AttackParams = AttackParams()  # the training-time attack of adversarial methods
+    train: TrainParams = TrainParams()
+    methods: dict[str, dict[str, Any]] = {}  # per-method hyperparameters, validated by each method
+    eval: EvalParams = EvalParams()
+    study: StudyParams = StudyParams()
+    # Keys owned by other stages (report, tune, studies) pass through untouched.
+    report: dict[str, Any] = {}
+    tune: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _names(self):
+        from egat.explain import explainer_registry
+        from egat.methods import method_registry
+        from egat.models import model_registry
+
+        _check_name("model.name", self.model.name, model_registry.names())
+        _check_name("explainer.name", self.explainer.name, explainer_registry.names())
+        _check_name("train.method", self.train.method, method_registry.names())
+        for name in self.study.methods:
+            _check_name("study.methods", name, method_registry.names())
+        for name, cfg in self.methods.items():
+            _check_name(f"methods.{name}", name, method_registry.names())
+            method_registry.get(name).Config(**(cfg or {}))
+        return self
+
+    def method_config(self, name: str | None = None):
+        """The validated hyperparameters of a method (defaults + methods.<name> overrides)."""
+        from egat.methods import method_registry
+
+        name = name or self.train.method
+        return method_registry.get(name).Config(**(self.methods.get(name) or {}))
+
+
+def _check_name(key: str, value: str, valid: list[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"{key}={value!r} is unknown; valid: {', '.join(valid)}")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ParamsError(f"--set {item!r}: expected key=value, e.g. train.steps=100")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"--set {item!r}: {part!r} is not a group of keys")
+        node[path[-1]] = value
+    return raw
+
+
+def params_from_dict(raw: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(format_validation_error(exc, source)) from None
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against params.yaml)"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"{source}: invalid params: " + "; ".join(parts)
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Load, override and validate params. ``path=None`` uses the built-in defaults."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ParamsError(f"{p}: params file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ParamsError(f"{p}: expected a mapping of stage groups at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    return params_from_dict(raw, source)

@@ -1,0 +1,66 @@
+"""The method interface: ``Method.loss(batch) -> LossOutput`` with every loss term separately."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+
+from egat.models.classifier import Classifier
+from egat.registry import Registry
+
+if TYPE_CHECKING:
+    from egat.config import Params
+
+method_registry: Registry[type["Method"]] = Registry("method")
+
+
+class MethodConfig(BaseModel):
+    """A method's hyperparameters; subclasses add fields with their papers' defaults."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # the scalar to backpropagate
+    logits: torch.Tensor  # clean-input logits (B, K), for training accuracy
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # each term, detached
+
+
+class Method:
+    """A training objective on a :class:`Classifier`.
+
+    ``batch`` is a dict of tensors: image (B,3,H,W) in [0,1], label (B,), domain (B,), index (B,),
+    guide (B,1,H,W) in [0,1] and optionally mask (B,1,H,W).
+    """
+
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, model: Classifier, config: MethodConfig, params: "Params"):
+        self.model = model
+        self.config = config
+        self.params = params
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
+        raise NotImplementedError
+
+
+def build_method(model: Classifier, params: "Params", name: str | None = None) -> Method:
+    name = name or params.train.method
+    cls = method_registry.get(name)
+    return cls(model, params.method_config(name), params)
+
+
+def distance(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+    """D(a, b) between explanation maps in [0, 1], averaged over pixels and samples."""
+    if kind == "mse":
+        return F.mse_loss(a, b)
+    if kind == "l1":
+        return F.l1_loss(a, b)
+    if kind == "bce":
+        return F.binary_cross_entropy(a.clamp(1e-6, 1 - 1e-6), b)
+    raise ValueError(f"unknown distance {kind!r}; valid: mse, l1, bce")

@@ -1,0 +1,71 @@
+"""The pipeline's stages as functions: DVC entry points (pipelines/) and the CLI call these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from egat import io
+from egat.config import Params, params_from_dict
+from egat.tracking.mlflow_tracker import MlflowTracker
+
+
+def run_params(params: Params, method: str, domain: str, seed: int) -> Params:
+    """The params of one cell of the study matrix (method x training domain x seed)."""
+    raw = params.model_dump(mode="json")
+    raw["train"].update(method=method, domains=[domain], seed=seed)
+    return params_from_dict(raw)
+
+
+def run_dir(params: Params, method: str, domain: str, seed: int) -> Path:
+    return Path(params.train.out_dir) / method / domain / f"seed{seed}"
+
+
+def eval_path(method: str, domain: str, seed: int) -> Path:
+    return Path("evals") / method / domain / f"seed{seed}" / "eval.json"
+
+
+def _tags(params: Params, stage: str, method: str, domain: str, seed: int) -> dict[str, str]:
+    return {
+        "stage": stage, "method": method, "domain": domain, "seed": str(seed),
+        "dataset": params.data.name, "model": params.model.name,
+    }
+
+
+def train_run(params: Params, method: str, domain: str, seed: int) -> dict:
+    """Train one cell through the Trainer, tracked in MLflow with its checkpoint and model."""
+    from egat.train import Trainer
+    from egat.train.trainer import model_from_checkpoint
+
+    cell = run_params(params, method, domain, seed)
+    out = run_dir(params, method, domain, seed)
+    key = f"train/{method}/{domain}/seed{seed}"
+    tracker = MlflowTracker(key, _tags(cell, "train", method, domain, seed), cell.model_dump(mode="json"))
+    with tracker:
+        result = Trainer(cell, out, tracker=tracker).fit()
+        tracker.log_artifact(result.best_checkpoint, "checkpoint")
+        tracker.log_artifact(out / "train_metrics.json")
+        model, _, _ = model_from_checkpoint(result.best_checkpoint)
+        tracker.log_model(model.eval(), name="model")
+    return result.metrics
+
+
+def evaluate_run(params: Params, method: str, domain: str, seed: int) -> dict:
+    """Evaluate one cell's best checkpoint on every domain; writes evals/.../eval.json."""
+    from egat.evaluation import evaluate_model
+    from egat.train.trainer import model_from_checkpoint, resolve_device
+
+    cell = run_params(params, method, domain, seed)
+    model, _, _ = model_from_checkpoint(run_dir(params, method, domain, seed) / "best.pt")
+    key = f"evaluate/{method}/{domain}/seed{seed}"
+    path = eval_path(method, domain, seed)
+    with MlflowTracker(key, _tags(cell, "evaluate", method, domain, seed), cell.model_dump(mode="json")) as tracker:
+        metrics = evaluate_model(model, cell, [domain], resolve_device(cell))
+        metrics.update(method=method, seed=seed)
+        io.write_json(path, metrics)
+        tracker.log_metrics({f"test/{k}": v for k, v in metrics["summary"].items()}, step=0)
+        for d, values in metrics["domains"].items():
+            tracker.log_metrics(
+                {f"test/{d}/{k}": float(v) for k, v in values.items() if not isinstance(v, bool)}, step=0
+            )
+        tracker.log_artifact(path)
+    return metrics

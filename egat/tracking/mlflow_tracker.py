@@ -1,0 +1,162 @@
+"""MLflow tracking: one named, tagged run per train/evaluate job, logged from rank 0 only.
+
+Default store: ``sqlite:///mlflow.db`` at the project root with artifacts under ``mlartifacts/``
+(the file store is deprecated); MLFLOW_TRACKING_URI overrides it (e.g. an ``mlflow server``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Mapping
+
+from egat.errors import EgatError
+from egat.tracking.base import Tracker
+
+EXPERIMENT = "egat"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def redact(uri: str) -> str:
+    """The URI without credentials, safe for messages and logs."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail before training when an HTTP tracking server does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    health = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+    try:
+        with urllib.request.urlopen(health, timeout=timeout) as resp:
+            if resp.status == 200:
+                return
+            reason = f"HTTP {resp.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise EgatError(
+        f"MLflow tracking server {redact(uri)} is unreachable ({reason}); start it "
+        "(`mlflow server --host 127.0.0.1 --port 5000`) or unset MLFLOW_TRACKING_URI to log "
+        "to the local sqlite store"
+    )
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def ensure_experiment(name: str = EXPERIMENT) -> str:
+    """Create the experiment if needed (on the driver, before any worker starts) and return its id."""
+    import mlflow
+
+    uri = tracking_uri()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        location = (Path.cwd() / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created meanwhile by a concurrent process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class MlflowTracker(Tracker):
+    """A context manager around one MLflow run.
+
+    ``key`` identifies the job (e.g. ``train/egat/grass/seed0``): a run with the same key left
+    RUNNING by a killed process is marked KILLED when the job starts again.
+    """
+
+    def __init__(self, key: str, tags: Mapping[str, str], params: Mapping[str, Any] | None = None,
+                 experiment: str = EXPERIMENT):
+        self.key, self.tags, self.params, self.experiment = key, dict(tags), params, experiment
+        self.run_id: str | None = None
+
+    def __enter__(self) -> "MlflowTracker":
+        import mlflow
+
+        exp_id = ensure_experiment(self.experiment)
+        client = mlflow.MlflowClient()
+        stale = client.search_runs(
+            [exp_id], f"tags.egat_key = '{self.key}' and attributes.status = 'RUNNING'"
+        )
+        for run in stale:
+            client.set_terminated(run.info.run_id, status="KILLED")
+        tags = {"egat_key": self.key, "git_commit": git_commit(), **self.tags}
+        run = mlflow.start_run(experiment_id=exp_id, run_name=self.key, tags=tags)
+        self.run_id = run.info.run_id
+        if self.params:
+            mlflow.log_params({k: str(v)[:6000] for k, v in flatten(self.params).items()})
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import mlflow
+
+        status = "FINISHED"
+        if exc_type is KeyboardInterrupt:
+            status = "KILLED"
+        elif exc_type is not None:
+            status = "FAILED"
+        mlflow.end_run(status=status)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        import mlflow
+
+        for attempt in range(5):  # sqlite under concurrent writers: "database is locked"
+            try:
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+                return
+            except Exception as exc:
+                if "locked" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.2 * 2**attempt)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_model(self, model, name: str = "model") -> None:
+        import mlflow.pytorch
+
+        mlflow.pytorch.log_model(model, name=name)

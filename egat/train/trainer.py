@@ -1,0 +1,243 @@
+"""The Trainer: seeded, Adam, a step budget, periodic validation, best-validation checkpoint.
+
+One class serves every entry point (CLI, DVC stages, Ray workers, Tune trials). It resumes from
+``<run_dir>/last.pt`` when that file exists, so a killed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from egat import io
+from egat.config import Params
+from egat.data import DomainDataset, read_splits
+from egat.errors import EgatError
+from egat.methods import build_method
+from egat.metrics.accuracy import clean_accuracy
+from egat.models import Classifier, build_model
+from egat.tracking import NullTracker, Tracker
+from egat.train.sampler import StepBatchSampler
+
+log = logging.getLogger(__name__)
+LAST, BEST, METRICS, TIMING = "last.pt", "best.pt", "train_metrics.json", "train_timing.json"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(params: Params) -> torch.device:
+    want = params.train.use_gpu
+    if want == "true" and not torch.cuda.is_available():
+        raise EgatError("train.use_gpu=true but no CUDA device is visible; use 'auto' or 'false'")
+    if want != "false" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def training_domains(params: Params, domains: list[str]) -> list[str]:
+    chosen = params.train.domains or domains[:1]
+    unknown = [d for d in chosen if d not in domains]
+    if unknown:
+        raise EgatError(f"train.domains: unknown domain(s) {unknown}; valid: {', '.join(domains)}")
+    return chosen
+
+
+def build_datasets(params: Params, split: str, domains: list[str] | None = None, augment=False):
+    data = params.data
+    splits = read_splits(data.root / "splits.json")
+    domains = domains or training_domains(params, splits["domains"])
+    return DomainDataset(
+        data.root, splits, domains, split, data.image_size, params.guides.variant, augment
+    ), splits
+
+
+def params_fingerprint(params: Params) -> str:
+    """A digest of everything that shapes training; a resumed run must match it."""
+    raw = params.model_dump(mode="json")
+    for volatile in ("progress", "out_dir", "num_threads"):
+        raw["train"].pop(volatile, None)
+    for group in ("eval", "report", "tune", "study"):
+        raw.pop(group, None)
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoint_payload(model: Classifier, params: Params, splits: dict, **extra) -> dict[str, Any]:
+    """What a checkpoint holds: enough to rebuild and evaluate the model with no other file."""
+    return {
+        "model": model.state_dict(),
+        "params": params.model_dump(mode="json"),
+        "classes": list(splits["classes"]),
+        "domains": list(splits["domains"]),
+        **extra,
+    }
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[Classifier, Params, dict]:
+    from egat.config import params_from_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise EgatError(f"checkpoint {str(path)!r} not found")
+    ckpt = io.torch_load(path)
+    params = params_from_dict(ckpt["params"], source=str(path))
+    model = build_model(
+        params.model.name, len(ckpt["classes"]), pretrained="none", dropout=params.model.dropout
+    )
+    model.load_state_dict(ckpt["model"])
+    return model, params, ckpt
+
+
+class Trainer:
+    def __init__(
+        self, params: Params, run_dir: str | Path, tracker: Tracker | None = None,
+        device: torch.device | None = None, rank: int = 0, world_size: int = 1,
+    ):
+        self.params = params
+        self.run_dir = Path(run_dir)
+        self.tracker = tracker or NullTracker()
+        self.device = device or resolve_device(params)
+        self.rank, self.world_size = rank, world_size
+
+    def fit(self) -> TrainResult:
+        p, t = self.params, self.params.train
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        seed_everything(t.seed)
+        train_ds, splits = build_datasets(p, "train", augment=p.data.augment)
+        val_ds, _ = build_datasets(p, "val", domains=train_ds.domains)
+        model = build_model(
+            p.model.name, len(splits["classes"]), p.model.pretrained, p.model.dropout
+        ).to(self.device)
+        method = build_method(model, p)
+        optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+        state = {"step": 0, "best_val_acc": -1.0, "best_step": -1, "elapsed_s": 0.0}
+        fingerprint = params_fingerprint(p)
+        last = self.run_dir / LAST
+        if last.is_file():
+            ckpt = io.torch_load(last)
+            if ckpt.get("fingerprint") == fingerprint:
+                model.load_state_dict(ckpt["model"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+                torch.set_rng_state(ckpt["rng"])
+                state.update(ckpt["state"])
+                log.warning("resuming %s from step %d", self.run_dir, state["step"])
+            else:
+                log.warning("%s holds a run with other params: starting afresh", last)
+                (self.run_dir / BEST).unlink(missing_ok=True)
+        if state["step"] >= t.steps and (self.run_dir / BEST).is_file():
+            return self._finish(model, state)
+
+        if len(train_ds) < t.batch_size:
+            raise EgatError(
+                f"train split of {train_ds.domains} has {len(train_ds)} images, fewer than "
+                f"train.batch_size={t.batch_size}; lower the batch size"
+            )
+        sampler = StepBatchSampler(
+            len(train_ds), t.batch_size, t.seed, t.steps, state["step"], self.rank, self.world_size
+        )
+        loader = DataLoader(
+            train_ds, batch_sampler=sampler, num_workers=p.data.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=p.data.num_workers > 0,
+        )
+        val_loader = DataLoader(val_ds, batch_size=p.eval.batch_size, num_workers=p.data.num_workers)
+        bar = tqdm(
+            total=t.steps, initial=state["step"], disable=not t.progress or self.rank != 0,
+            desc=f"train {t.method}", unit="step", dynamic_ncols=True,
+        )
+        started = time.perf_counter() - state["elapsed_s"]
+        model.train()
+        for batch in loader:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            out = method.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            self._sync_gradients(model)
+            optimizer.step()
+            state["step"] += 1
+            step = state["step"]
+            if step % 10 == 0 or step == t.steps:
+                acc = (out.logits.argmax(1) == batch["label"]).float().mean().item() * 100
+                logged = {f"train/{k}": v.item() for k, v in out.terms.items()}
+                logged.update({"train/loss": out.loss.item(), "train/acc": acc})
+                self.tracker.log_metrics(logged, step)
+                bar.set_postfix(loss=f"{out.loss.item():.3f}", best_val=f"{state['best_val_acc']:.1f}")
+            if step % t.eval_every == 0 or step == t.steps:
+                val_acc = clean_accuracy(
+                    model, val_loader, self.device,
+                    max_examples=t.val_batches * p.eval.batch_size,
+                )
+                self.tracker.log_metrics({"val/acc": val_acc}, step)
+                if val_acc > state["best_val_acc"]:
+                    state.update(best_val_acc=val_acc, best_step=step)
+                    if self.rank == 0:
+                        io.torch_save(
+                            checkpoint_payload(model, p, splits, step=step, val_acc=val_acc),
+                            self.run_dir / BEST,
+                        )
+                model.train()
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                state["elapsed_s"] = time.perf_counter() - started
+                if self.rank == 0:
+                    io.torch_save(
+                        {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "rng": torch.get_rng_state(), "state": dict(state),
+                         "fingerprint": fingerprint},
+                        last,
+                    )
+            bar.update(1)
+        bar.close()
+        state["elapsed_s"] = time.perf_counter() - started
+        return self._finish(model, state)
+
+    def _sync_gradients(self, model: Classifier) -> None:
+        """Average gradients across ranks (no-op for one worker)."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        for param in model.parameters():
+            if param.grad is not None:
+                dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+                param.grad /= self.world_size
+
+    def _finish(self, model: Classifier, state: dict) -> TrainResult:
+        steps = max(state["step"], 1)
+        metrics = {
+            "best_val_acc": state["best_val_acc"],
+            "best_step": state["best_step"],
+            "steps": state["step"],
+        }
+        # Wall-clock figures live apart so that the metrics file is reproducible byte for byte.
+        timing = {
+            "train_time_s": round(state["elapsed_s"], 3),
+            "time_per_step_s": round(state["elapsed_s"] / steps, 4),
+        }
+        if self.rank == 0:
+            io.write_json(self.run_dir / METRICS, metrics)
+            io.write_json(self.run_dir / TIMING, timing)
+            logged = {f"final/{k}": float(v) for k, v in {**metrics, **timing}.items()}
+            self.tracker.log_metrics(logged, steps)
+        return TrainResult(self.run_dir, self.run_dir / BEST, {**metrics, **timing})

@@ -1,0 +1,374 @@
+"""Metrics against values computed by hand on tiny models, maps and masks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from egat.attacks import PGD
+from egat.errors import EgatError
+from egat.metrics import (
+    adversarial_accuracy,
+    alignment_scores,
+    clean_accuracy,
+    descending_ranks,
+    erasure_scores,
+    evaluate_accuracy,
+    explanation_alignment,
+    explanation_stability,
+    faithfulness,
+    spearman_rows,
+    top_intersection,
+)
+from egat.models.classifier import Classifier
+
+
+def close(value: float):
+    """Equality up to float32 rounding of probabilities, in the x100 units of comp/suff."""
+    return pytest.approx(value, abs=1e-4)
+
+
+def sigmoid(z: float) -> float:
+    return 1 / (1 + math.exp(-z))
+
+
+def linear_pixel_model(weights: list[list[float]]) -> Classifier:
+    """A Classifier whose logits are ``weights @ (mean R, mean G, mean B)``: identity backbone, no
+    normalisation, no bias, so every logit is a known linear function of the pixels.
+    """
+    model = Classifier(nn.Identity(), 3, len(weights), dropout=0.5, mean=(0, 0, 0), std=(1, 1, 1))
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.tensor(weights))
+        model.fc.bias.zero_()
+    return model
+
+
+def loader_of(images, labels, masks=None, batch_size=2):
+    """A list of dict batches, the shape the metrics stream over."""
+    batches = []
+    for start in range(0, len(images), batch_size):
+        batch = {"image": images[start : start + batch_size]}
+        batch["label"] = labels[start : start + batch_size]
+        if masks is not None:
+            batch["mask"] = masks[start : start + batch_size]
+        batch["domain"] = ["d0"] * len(batch["label"])  # non-tensor entries are ignored
+        batches.append(batch)
+    return batches
+
+
+class FixedExplainer:
+    """``attribute`` returns a fixed map per class: maps[target] -> (B, h, w)."""
+
+    def __init__(self, maps: dict[int, torch.Tensor]):
+        self.maps = maps
+        self.targets: list[list[int]] = []
+
+    def attribute(self, inputs, target, create_graph=False):
+        self.targets.append(target.tolist())
+        return torch.stack([self.maps[int(c)] for c in target])
+
+
+class RedChannelExplainer:
+    """``attribute`` returns the red channel of the input itself: (B, H, W)."""
+
+    def attribute(self, inputs, target, create_graph=False):
+        return inputs[:, 0]
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+def coloured_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure red, green, blue, red images; labels 0, 1, 0, 0 -> the RGB model gets 3 of 4 right."""
+    images = torch.zeros(4, 3, 4, 4)
+    for i, channel in enumerate([0, 1, 2, 0]):
+        images[i, channel] = 1.0
+    return images, torch.tensor([0, 1, 0, 0])
+
+
+RGB_MODEL = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]  # predicts the image's colour
+
+
+def test_clean_accuracy_on_known_predictions():
+    images, labels = coloured_images()
+    model = linear_pixel_model(RGB_MODEL)
+    loader = loader_of(images, labels)
+    assert clean_accuracy(model, loader, "cpu") == 75.0
+    assert clean_accuracy(model, loader, "cpu", max_examples=2) == 100.0  # red, green: both right
+    assert clean_accuracy(model, loader, "cpu", max_examples=3) == pytest.approx(200 / 3)
+
+
+def test_an_attack_that_does_nothing_gives_aacc_equal_to_cacc():
+    images, labels = coloured_images()
+    model = linear_pixel_model(RGB_MODEL)
+    loader = loader_of(images, labels)
+    identity = lambda x, y: x  # noqa: E731
+    clean = clean_accuracy(model, loader, "cpu")
+    assert adversarial_accuracy(model, loader, identity, "cpu") == clean
+
+
+def test_evaluate_accuracy_reports_every_attack_in_one_pass():
+    images, labels = coloured_images()
+    model = linear_pixel_model(RGB_MODEL)
+    to_blue = lambda x, y: torch.zeros_like(x).index_fill_(1, torch.tensor([2]), 1.0)  # noqa: E731
+    result = evaluate_accuracy(
+        model, loader_of(images, labels), "cpu", {"none": lambda x, y: x, "blue": to_blue}
+    )
+    # every image becomes blue (class 2); no label is 2
+    assert result == {"clean": 75.0, "none": 75.0, "blue": 0.0}
+
+
+def test_accuracy_runs_in_eval_mode_and_restores_the_mode():
+    images, labels = coloured_images()
+    model = linear_pixel_model(RGB_MODEL).train()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    # dropout 0.5 in train mode would zero features at random; in eval the answer is exact
+    assert clean_accuracy(model, loader_of(images, labels), "cpu") == 75.0
+    assert seen and not any(seen)
+    assert model.training and model.dropout.training
+
+
+def test_accuracy_under_a_real_pgd_is_at_most_clean():
+    torch.manual_seed(0)
+    images, labels = torch.rand(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    model = linear_pixel_model([[3, -1, 0], [0, 2, -1], [-1, 0, 2]])
+    result = evaluate_accuracy(
+        model, loader_of(images, labels), "cpu", {"pgd": PGD(model, 0.3, 0.1, 5)}
+    )
+    assert result["pgd"] <= result["clean"]
+
+
+# ------------------------------------------------------------------------- faithfulness
+
+# One 2x2 image, red channel r = [[1.0, 0.6], [0.2, 0.0]] (green, blue 0); model logits
+# (sum r, 0) = (4 * mean r, 0), so p_0 = sigmoid(sum r) and the prediction is class 0
+# (sum r = 1.8 > 0). Explanation of class 0: [[0.1, 0.9], [0.5, 0.0]] -> pixel ranking
+# (flat index) 1, 2, 0, 3. Black baseline (0):
+#   k = 25% (1 pixel, index 1, r = 0.6): comp -> sum r = 1.2, suff -> 0.6
+#   k = 50% (2 pixels, 1 and 2, r = 0.6 + 0.2): comp -> 1.0, suff -> 0.8
+RED = torch.tensor([[1.0, 0.6], [0.2, 0.0]])
+MAP_CLASS_0 = torch.tensor([[0.1, 0.9], [0.5, 0.0]])
+P = sigmoid(1.8)
+COMP = {25: P - sigmoid(1.2), 50: P - sigmoid(1.0)}
+SUFF = {25: P - sigmoid(0.6), 50: P - sigmoid(0.8)}
+
+
+def red_image() -> torch.Tensor:
+    image = torch.zeros(1, 3, 2, 2)
+    image[0, 0] = RED
+    return image
+
+
+RED_SUM_MODEL = [[4, 0, 0], [0, 0, 0]]
+
+
+def test_erasure_scores_by_hand():
+    model = linear_pixel_model(RED_SUM_MODEL).eval()
+    comp, suff = erasure_scores(model, red_image(), MAP_CLASS_0[None], torch.tensor([0]), [25, 50])
+    torch.testing.assert_close(comp[:, 0], torch.tensor([COMP[25], COMP[50]]))
+    torch.testing.assert_close(suff[:, 0], torch.tensor([SUFF[25], SUFF[50]]))
+
+
+def test_faithfulness_by_hand_explains_the_predicted_class():
+    model = linear_pixel_model(RED_SUM_MODEL)
+    # the map of class 1 ranks the pixels the other way round: using it would change the result
+    explainer = FixedExplainer({0: MAP_CLASS_0, 1: 1 - MAP_CLASS_0})
+    result = faithfulness(
+        model, explainer, loader_of(red_image(), torch.tensor([1])), "cpu", ks=[25, 50]
+    )
+    assert explainer.targets == [[0]]
+    assert result["comp"] == close(100 * (COMP[25] + COMP[50]) / 2)
+    assert result["suff"] == close(100 * (SUFF[25] + SUFF[50]) / 2)
+    assert result["comp_k25"] == close(100 * COMP[25])
+    assert result["suff_k50"] == close(100 * SUFF[50])
+
+
+def test_faithfulness_averages_over_images_and_ignores_the_batching():
+    # second image: r = 0.5 everywhere, so p_0 = sigmoid(2); erasing 1 or 2 pixels leaves
+    # sum r = 1.5 or 1.0 (comp) and 0.5 or 1.0 (suff), whatever the ranking.
+    images = torch.cat([red_image(), torch.zeros(1, 3, 2, 2)])
+    images[1, 0] = 0.5
+    p = sigmoid(2.0)
+    comp_2 = ((p - sigmoid(1.5)) + (p - sigmoid(1.0))) / 2
+    suff_2 = ((p - sigmoid(0.5)) + (p - sigmoid(1.0))) / 2
+    model = linear_pixel_model(RED_SUM_MODEL)
+    explainer = FixedExplainer({0: MAP_CLASS_0})
+    labels = torch.tensor([0, 0])
+    expected_comp = 100 * ((COMP[25] + COMP[50]) / 2 + comp_2) / 2
+    expected_suff = 100 * ((SUFF[25] + SUFF[50]) / 2 + suff_2) / 2
+    for batch_size, forward_batch in [(1, 1024), (2, 1024), (2, 2)]:
+        result = faithfulness(
+            model, explainer, loader_of(images, labels, batch_size=batch_size), "cpu",
+            ks=[25, 50], forward_batch=forward_batch,
+        )
+        assert result["comp"] == close(expected_comp)
+        assert result["suff"] == close(expected_suff)
+
+
+def test_faithfulness_breaks_ties_by_pixel_index():
+    # a constant map ranks pixels 0, 1, 2, 3: k = 25% erases r = 1.0 (comp -> sum 0.8)
+    model = linear_pixel_model(RED_SUM_MODEL)
+    explainer = FixedExplainer({0: torch.full((2, 2), 0.5)})
+    loader = loader_of(red_image(), torch.tensor([0]))
+    result = faithfulness(model, explainer, loader, "cpu", ks=[25])
+    assert result["comp"] == close(100 * (P - sigmoid(0.8)))
+    assert result["suff"] == close(100 * (P - sigmoid(1.0)))
+
+
+def test_faithfulness_upsamples_the_map_to_the_image():
+    # a 1x2 map [high, low] over a 2x4 image: bilinear upsampling puts the highest values on
+    # the left column, so k = 25% (2 pixels) erases column 0 (r = 1 in both rows; others 0)
+    image = torch.zeros(1, 3, 2, 4)
+    image[0, 0, :, 0] = 1.0
+    model = linear_pixel_model([[8, 0, 0], [0, 0, 0]])  # logit 0 = 8 * mean r = sum r
+    explainer = FixedExplainer({0: torch.tensor([[1.0, 0.0]])})
+    result = faithfulness(model, explainer, loader_of(image, torch.tensor([0])), "cpu", ks=[25])
+    assert result["comp"] == close(100 * (sigmoid(2.0) - sigmoid(0.0)))
+    assert result["suff"] == close(0.0)
+
+
+def test_blur_baseline_on_a_constant_image_changes_nothing():
+    image = torch.full((1, 3, 8, 8), 0.3)  # blurring a constant image leaves it as it is
+    model = linear_pixel_model([[4, -2, 1], [0, 0, 0]])
+    explainer = FixedExplainer({0: torch.rand(4, 4), 1: torch.rand(4, 4)})
+    result = faithfulness(
+        model, explainer, loader_of(image, torch.tensor([0])), "cpu", ks=[10, 50], baseline="blur"
+    )
+    assert result["comp"] == close(0.0)
+    assert result["suff"] == close(0.0)
+
+
+def test_faithfulness_restores_the_model_mode():
+    model = linear_pixel_model(RED_SUM_MODEL).train()
+    faithfulness(model, FixedExplainer({0: MAP_CLASS_0}), loader_of(red_image(), torch.tensor([0])),
+                 "cpu", ks=[25])
+    assert model.training
+
+
+def test_descending_ranks_are_stable():
+    scores = torch.tensor([[0.2, 0.9, 0.2, 0.5]])
+    assert descending_ranks(scores).tolist() == [[2, 0, 3, 1]]
+
+
+# ---------------------------------------------------------------------------- stability
+
+# Maps a = [1, 2, 3, 4], b = [1, 3, 2, 4] (no ties): rank differences d = (0, 1, 1, 0),
+# rho = 1 - 6 * sum d^2 / (n (n^2 - 1)) = 1 - 12 / 60 = 0.8. Top 50% (2 entries): a -> {3, 2},
+# b -> {3, 1}: they share one of two -> 0.5.
+MAP_A = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+MAP_B = torch.tensor([[1.0, 3.0, 2.0, 4.0]])
+
+
+def test_spearman_by_hand():
+    assert spearman_rows(MAP_A, MAP_B).tolist() == pytest.approx([0.8])
+    # ties take average ranks: [0, 0, 1, 2] -> ranks (1.5, 1.5, 3, 4), perfectly monotone with
+    # [5, 5, 6, 9]; a constant map is undefined (NaN)
+    ties = torch.tensor([[0.0, 0.0, 1.0, 2.0], [1.0, 1.0, 1.0, 1.0]])
+    rho = spearman_rows(ties, torch.tensor([[5.0, 5.0, 6.0, 9.0], [1.0, 2.0, 3.0, 4.0]]))
+    assert rho[0] == pytest.approx(1.0) and rho[1].isnan()
+
+
+def test_top_intersection_by_hand():
+    assert top_intersection(MAP_A, MAP_B, 0.5).tolist() == [0.5]
+    assert top_intersection(MAP_A, MAP_B, 0.25).tolist() == [1.0]  # both top-1: index 3
+    assert top_intersection(MAP_A, MAP_A.flip(1), 0.5).tolist() == [0.0]
+
+
+def test_explanation_stability_by_hand():
+    # images are 2x2; the explainer returns the red channel, so E(x) = r. The "attack" swaps the
+    # two middle pixels of the first image (E(x) = A, E(x') = B) and leaves the second image alone.
+    images = torch.zeros(2, 3, 2, 2)
+    images[0, 0] = MAP_A.view(2, 2) / 4
+    images[1, 0] = torch.tensor([[0.1, 0.4], [0.3, 0.2]])
+
+    def swap_middle(x, y):
+        x = x.clone()
+        x[0, 0] = MAP_B.view(2, 2) / 4
+        return x
+
+    model = linear_pixel_model(RED_SUM_MODEL)
+    result = explanation_stability(
+        model, RedChannelExplainer(), loader_of(images, torch.tensor([0, 0])), swap_middle, "cpu",
+        top=0.5,
+    )
+    assert result["spearman"] == pytest.approx((0.8 + 1.0) / 2)
+    assert result["top_intersection"] == pytest.approx((0.5 + 1.0) / 2)
+    assert result["spearman_undefined"] == 0.0
+
+
+def test_explanation_stability_explains_the_predicted_class_on_both_images():
+    # the model predicts class 0 (sum r > 0); the labels say 1
+    images = torch.rand(2, 3, 2, 2)
+    explainer = FixedExplainer({0: MAP_A.view(2, 2), 1: MAP_B.view(2, 2)})
+    result = explanation_stability(
+        linear_pixel_model(RED_SUM_MODEL), explainer, loader_of(images, torch.tensor([1, 1])),
+        lambda x, y: x, "cpu",
+    )
+    assert explainer.targets == [[0, 0], [0, 0]]
+    assert result["spearman"] == pytest.approx(1.0) and result["top_intersection"] == 1.0
+
+
+def test_constant_maps_are_left_out_of_the_spearman_mean():
+    images = torch.rand(2, 3, 2, 2)
+    images[1, 0] = 0.5  # constant red channel -> constant map
+    result = explanation_stability(
+        linear_pixel_model(RED_SUM_MODEL), RedChannelExplainer(),
+        loader_of(images, torch.tensor([0, 0])), lambda x, y: x, "cpu",
+    )
+    assert result["spearman"] == pytest.approx(1.0)
+    assert result["spearman_undefined"] == 0.5
+
+
+# ---------------------------------------------------------------------------- alignment
+
+
+def test_alignment_scores_by_hand():
+    # 2x2 maps on 2x2 masks (no resampling). Image 0: map max at (0, 1), inside the mask
+    # {(0, 0), (0, 1)}; mass inside = (0.2 + 1.0) / (0.2 + 1.0 + 0.4 + 0.4) = 0.6.
+    # Image 1: max at (1, 1), mask {(0, 0)}: a miss; mass 0.5 / (0.5 + 1.0) = 1/3.
+    # Image 2: an all-zero map: a miss with mass 0.
+    maps = torch.tensor(
+        [[[0.2, 1.0], [0.4, 0.4]], [[0.5, 0.0], [0.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]]
+    )
+    masks = torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]], [[1, 1], [1, 1.0]]])
+    hits, mass = alignment_scores(maps, masks[:, None])
+    assert hits.tolist() == [True, False, False]
+    torch.testing.assert_close(mass, torch.tensor([0.6, 1 / 3, 0.0]))
+
+
+def test_alignment_upsamples_bilinearly():
+    # a 2x2 map [[1, 0], [1, 0]] on a 4x4 image: bilinear (align_corners=False) rows read
+    # (1, 0.75, 0.25, 0), so a mask on the left two columns holds 1.75 / 2 = 0.875 of the mass
+    # and the maximum (column 0) is inside it.
+    maps = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2] = 1.0
+    hits, mass = alignment_scores(maps, mask)
+    assert hits.tolist() == [True]
+    assert mass.item() == pytest.approx(0.875)
+
+
+def test_explanation_alignment_over_a_loader():
+    images = torch.rand(2, 3, 4, 4)
+    masks = torch.zeros(2, 1, 4, 4)
+    masks[0, ..., :2] = 1.0  # image 0: left half, hit and 0.875 (see above)
+    masks[1, ..., 2:] = 1.0  # image 1: right half, miss and 0.125
+    explainer = FixedExplainer({1: torch.tensor([[1.0, 0.0], [1.0, 0.0]])})
+    result = explanation_alignment(
+        linear_pixel_model(RED_SUM_MODEL), explainer,
+        loader_of(images, torch.tensor([1, 1]), masks), "cpu",
+    )
+    assert explainer.targets == [[1, 1]]  # the true class (the model predicts 0)
+    assert result == pytest.approx({"pointing_game": 0.5, "mass_in_mask": 0.5, "empty": 0.0})
+
+
+def test_explanation_alignment_needs_masks():
+    with pytest.raises(EgatError, match="mask"):
+        explanation_alignment(
+            linear_pixel_model(RED_SUM_MODEL), RedChannelExplainer(),
+            loader_of(torch.rand(1, 3, 2, 2), torch.tensor([0])), "cpu",
+        )
