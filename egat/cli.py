@@ -70,9 +70,65 @@ def evaluate(checkpoint: str, out: str | None, overrides: tuple[str, ...]) -> No
     click.echo(json.dumps(metrics, indent=2))
 
 
-def main() -> None:
+CELL = [
+    click.option("--method", required=True, help="a registered method (see `egat methods`)"),
+    click.option("--domain", required=True, help="the training domain"),
+    click.option("--seed", required=True, type=int),
+]
+
+
+def _cell(fn):
+    for option in reversed(CELL):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@CONFIG
+@OVERRIDES
+def prepare(config: str, overrides: tuple[str, ...]) -> None:
+    """Stage `prepare`: build or download the dataset and write its splits."""
+    from egat import stages
+
+    click.echo(json.dumps(stages.prepare(_params(config, overrides)), indent=1))
+
+
+@cli.command()
+@CONFIG
+@OVERRIDES
+def guides(config: str, overrides: tuple[str, ...]) -> None:
+    """Stage `guides`: precompute the guide maps of every image."""
+    from egat import stages
+
+    stages.guides(_params(config, overrides))
+
+
+@cli.command("train-cell")
+@CONFIG
+@OVERRIDES
+@_cell
+def train_cell(config, overrides, method, domain, seed) -> None:
+    """Stage `train`: one (method, domain, seed) run of the study, tracked in MLflow."""
+    from egat import stages
+
+    click.echo(json.dumps(stages.train_run(_params(config, overrides), method, domain, seed)))
+
+
+@cli.command("evaluate-cell")
+@CONFIG
+@OVERRIDES
+@_cell
+def evaluate_cell(config, overrides, method, domain, seed) -> None:
+    """Stage `evaluate`: test one run on every domain, tracked in MLflow."""
+    from egat import stages
+
+    metrics = stages.evaluate_run(_params(config, overrides), method, domain, seed)
+    click.echo(json.dumps(metrics["summary"], indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
     try:
-        cli(standalone_mode=False)
+        cli(args=argv, standalone_mode=False)
     except EgatError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

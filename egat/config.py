@@ -105,7 +105,7 @@ DEFAULT_SOURCES = {
 
 class DataParams(Strict):
     name: Literal["embedded", "vlcs", "terra_incognita", "folder"] = "embedded"
-    dir: str = "data"  # prepared data lives in <dir>/<name>/ (images/, splits.json, guides/)
+    dir: str = "data"  # <dir>/<name>/ (prepared), <dir>/guides/<name>/, <dir>/raw/ (downloads)
     folder_root: str | None = None  # for name=folder: a <root>/<domain>/<class>/* tree
     image_size: int = Field(32, ge=8, le=1024)
     split_seed: int = 0
@@ -136,7 +136,22 @@ class DataParams(Strict):
 
     @property
     def root(self) -> Path:
+        """The prepared dataset: images/, masks/ (where there are), splits.json."""
         return Path(self.dir) / self.name
+
+    @property
+    def guides_root(self) -> Path:
+        """Guide maps, apart from the prepared data (each is its own DVC output)."""
+        return Path(self.dir) / "guides" / self.name
+
+    @property
+    def splits_file(self) -> Path:
+        return self.root / "splits.json"
+
+    @property
+    def raw_dir(self) -> Path:
+        """Downloads (archives, wheels), kept between runs."""
+        return Path(self.dir) / "raw"
 
 
 class GuideParams(Strict):

@@ -29,9 +29,10 @@ from egat.models import Classifier
 
 
 def _loader(params: Params, splits: dict, domains: list[str]) -> DataLoader:
+    # Guides play no part in evaluation; golden masks come with the batches where they exist.
     ds = DomainDataset(
-        params.data.root, splits, domains, "test", params.data.image_size,
-        params.guides.variant if params.guides.variant != "golden" else "grayscale", False,
+        params.data.root, splits, domains, "test", params.data.image_size, "grayscale",
+        guides_root=params.data.guides_root,
     )
     return DataLoader(ds, batch_size=params.eval.batch_size, num_workers=params.data.num_workers)
 
@@ -111,7 +112,7 @@ def evaluate_model(
     """Metrics on every domain's test split, the attack sweep, and a flat summary for DVC."""
     device = device or torch.device("cpu")
     model = model.to(device)
-    splits = read_splits(params.data.root / "splits.json")
+    splits = read_splits(params.data.splits_file)
     per_domain = {}
     for domain in tqdm(splits["domains"], desc="evaluate", unit="domain", disable=not params.train.progress):
         metrics = evaluate_domain(model, params, _loader(params, splits, [domain]), device)

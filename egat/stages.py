@@ -9,6 +9,37 @@ from egat.config import Params, params_from_dict
 from egat.tracking.mlflow_tracker import MlflowTracker
 
 
+def prepare(params: Params) -> dict:
+    """Build or download the dataset, index it and write the seeded 60/20/20 splits."""
+    from egat.data import build_embedded, make_splits, save_sample_grid, scan_folder, write_splits
+    from egat.data.domainbed_sources import prepare_source
+
+    data = params.data
+    root = data.root
+    if data.name == "embedded":
+        build_embedded(data.embedded, root, cache_dir=data.raw_dir)
+        image_root = root / "images"
+    elif data.name == "folder":
+        image_root = Path(data.folder_root)
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        image_root = prepare_source(data.name, data.sources, data.raw_dir, root / "images")
+    index = scan_folder(image_root, on_corrupt=data.on_corrupt)
+    splits = make_splits(index, data.split, data.split_seed)
+    write_splits(data.splits_file, splits)
+    save_sample_grid(root, splits, root / "samples.png", image_size=data.image_size)
+    counts = {d: {k: len(v) for k, v in s.items()} for d, s in splits["splits"].items()}
+    return {"domains": splits["domains"], "classes": splits["classes"], "counts": counts}
+
+
+def guides(params: Params) -> None:
+    """Precompute grayscale guides (and golden masks where the data has them) for every image."""
+    from egat.data import compute_guides, read_splits
+
+    data = params.data
+    compute_guides(data.root, read_splits(data.splits_file), data.image_size, data.guides_root)
+
+
 def run_params(params: Params, method: str, domain: str, seed: int) -> Params:
     """The params of one cell of the study matrix (method x training domain x seed)."""
     raw = params.model_dump(mode="json")

@@ -64,13 +64,12 @@ def training_domains(params: Params, domains: list[str]) -> list[str]:
     return chosen
 
 
-def build_datasets(params: Params, split: str, domains: list[str] | None = None, augment=False):
+def build_dataset(params: Params, splits: dict, domains: list[str], split: str, augment=False):
     data = params.data
-    splits = read_splits(data.root / "splits.json")
-    domains = domains or training_domains(params, splits["domains"])
     return DomainDataset(
-        data.root, splits, domains, split, data.image_size, params.guides.variant, augment
-    ), splits
+        data.root, splits, domains, split, data.image_size, params.guides.variant, augment,
+        guides_root=data.guides_root,
+    )
 
 
 def params_fingerprint(params: Params) -> str:
@@ -125,8 +124,10 @@ class Trainer:
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         seed_everything(t.seed)
-        train_ds, splits = build_datasets(p, "train", augment=p.data.augment)
-        val_ds, _ = build_datasets(p, "val", domains=train_ds.domains)
+        splits = read_splits(p.data.splits_file)
+        domains = training_domains(p, splits["domains"])
+        train_ds = build_dataset(p, splits, domains, "train", augment=p.data.augment)
+        val_ds = build_dataset(p, splits, domains, "val")
         model = build_model(
             p.model.name, len(splits["classes"]), p.model.pretrained, p.model.dropout
         ).to(self.device)
@@ -152,7 +153,7 @@ class Trainer:
 
         if len(train_ds) < t.batch_size:
             raise EgatError(
-                f"train split of {train_ds.domains} has {len(train_ds)} images, fewer than "
+                f"train split of {domains} has {len(train_ds)} images, fewer than "
                 f"train.batch_size={t.batch_size}; lower the batch size"
             )
         sampler = StepBatchSampler(
