@@ -126,6 +126,21 @@ def evaluate_cell(config, overrides, method, domain, seed) -> None:
     click.echo(json.dumps(metrics["summary"], indent=1))
 
 
+@cli.command()
+@CONFIG
+@OVERRIDES
+@click.option("--runs", default="evals", show_default=True,
+              help="folder of <method>/<domain>/seed<seed>/eval.json (the evaluate stage's)")
+@click.option("--out", default="reports", show_default=True, help="folder the report goes to")
+def report(config, overrides, runs: str, out: str) -> None:
+    """Stage `report`: tables I/II, explanation table, figures, metrics.json, plot data."""
+    from egat.report import build_report
+
+    params = _params(config, overrides)
+    for path in build_report(runs, out, methods_order=params.study.methods):
+        click.echo(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli(args=argv, standalone_mode=False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from egat import io
 from egat.config import Params, params_from_dict
 from egat.tracking.mlflow_tracker import MlflowTracker
@@ -76,7 +78,8 @@ def train_run(params: Params, method: str, domain: str, seed: int) -> dict:
         tracker.log_artifact(result.best_checkpoint, "checkpoint")
         tracker.log_artifact(out / "train_metrics.json")
         model, _, _ = model_from_checkpoint(result.best_checkpoint)
-        tracker.log_model(model.eval(), name="model")
+        size = cell.data.image_size
+        tracker.log_model(model.eval(), np.zeros((1, 3, size, size), np.float32), name="model")
     return result.metrics
 
 

@@ -156,7 +156,8 @@ class MlflowTracker(Tracker):
 
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
-    def log_model(self, model, name: str = "model") -> None:
+    def log_model(self, model, input_example, name: str = "model") -> None:
+        """Log the model (MLflow's default pt2 format traces ``forward`` on ``input_example``)."""
         import mlflow.pytorch
 
-        mlflow.pytorch.log_model(model, name=name)
+        mlflow.pytorch.log_model(model, name=name, input_example=input_example)
