@@ -201,6 +201,23 @@ class TrainParams(Strict):
     use_gpu: Literal["auto", "true", "false"] = "auto"
     out_dir: str = "runs"
     progress: bool = True
+    # Validation metrics beyond cAcc ("aacc": accuracy under eval.attack, "comp": Grad-CAM
+    # comprehensiveness), on the same val_batches; Tune turns on what its objective needs.
+    val_metrics: list[Literal["aacc", "comp"]] = []
+    # Ray Train (backend ray): recoveries from dead workers, Ray's run storage (null =
+    # <out_dir>/_ray; a shared disk or s3://... on a multi-node cluster), Ray resources per
+    # worker (empty = Ray's default: 1 CPU, or 1 GPU with use_gpu).
+    max_failures: int = Field(1, ge=-1)
+    storage_path: str | None = None
+    resources_per_worker: dict[str, float] = {}
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _resources(cls, v):
+        bad = {k: r for k, r in v.items() if r < 0}
+        if bad:
+            raise ValueError(f"resources must be >= 0, got {bad}")
+        return v
 
 
 class SweepParams(Strict):
@@ -238,6 +255,84 @@ class StudyParams(Strict):
     seeds: list[int] = [0]
 
 
+# The lambdas (and the training attack's eps) that `egat tune` may search, and where each lives.
+TUNE_KEYS = {
+    "lambda_adv": "methods.{method}.lambda_adv",
+    "lambda_egl": "methods.{method}.lambda_egl",
+    "lambda_mix": "methods.{method}.lambda_mix",
+    "lambda_sparse": "methods.{method}.lambda_sparse",
+    "eps": "attack.eps",
+}
+
+
+class SearchRange(Strict):
+    """One searched value: a range [low, high] (log-uniform when ``log``) or a list of ``values``."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = True
+    values: list[float] | None = None
+
+    _frac = field_validator("low", "high", mode="before")(lambda v: _fraction(v))
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.values is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either low/high or values, not both")
+            if not self.values:
+                raise ValueError("values is empty")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs low and high (or a list of values)")
+        if self.low > self.high:
+            raise ValueError(f"low={self.low} > high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+class TuneParams(Strict):
+    """`egat tune`: Ray Tune's search over EGAT's lambdas (docs in params.yaml)."""
+
+    method: str = "egat"
+    space: dict[str, SearchRange | None] = {
+        "lambda_adv": SearchRange(low=0.25, high=16.0, log=True),
+        "lambda_egl": SearchRange(low=0.1, high=4.0, log=True),
+        "lambda_mix": SearchRange(low=0.1, high=4.0, log=True),
+        "lambda_sparse": SearchRange(low=0.01, high=2.0, log=True),
+        "eps": None,
+    }
+    search: Literal["random", "optuna"] = "random"
+    scheduler: Literal["asha", "none"] = "asha"
+    objective: Literal["val_cacc+val_aacc", "val_cacc", "val_comp"] = "val_cacc+val_aacc"
+    num_samples: int = Field(16, ge=1)
+    max_concurrent_trials: int = Field(0, ge=0)  # 0 = as many as the cluster's resources hold
+    steps: int | None = Field(None, ge=1)  # per trial; null = train.steps
+    eval_every: int | None = Field(None, ge=1)  # null = train.eval_every
+    val_batches: int = Field(2, ge=0)  # validation batches per report (0 = the whole split)
+    grace_period: int | None = Field(None, ge=1)  # ASHA's first rung in steps; null = steps / 4
+    reduction_factor: float = Field(2.0, gt=1)
+    workers: int | None = Field(None, ge=1)  # per trial; null = train.workers
+    resources_per_worker: dict[str, float] | None = None  # null = train.resources_per_worker
+    trial_driver_cpus: float = Field(0.0, ge=0)  # each trial's driver only waits on its workers
+    seed: int = 0
+    name: str = "egat-tune"
+    best_params_file: str = "tune/best_params.yaml"
+
+    @field_validator("space")
+    @classmethod
+    def _space_keys(cls, v):
+        unknown = sorted(set(v) - set(TUNE_KEYS))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}; searchable: {', '.join(TUNE_KEYS)}")
+        return v
+
+    def searched(self) -> dict[str, SearchRange]:
+        """The searched keys (null entries keep the params' value)."""
+        return {k: r for k, r in self.space.items() if r is not None}
+
+
 class Params(Strict):
     data: DataParams = DataParams()
     guides: GuideParams = GuideParams()
@@ -248,9 +343,9 @@ class Params(Strict):
     methods: dict[str, dict[str, Any]] = {}  # per-method hyperparameters, validated by each method
     eval: EvalParams = EvalParams()
     study: StudyParams = StudyParams()
-    # Keys owned by other stages (report, tune, studies) pass through untouched.
+    # Keys owned by other stages (report, studies) pass through untouched.
     report: dict[str, Any] = {}
-    tune: dict[str, Any] = {}
+    tune: TuneParams = TuneParams()
 
     @model_validator(mode="after")
     def _names(self):
@@ -265,7 +360,11 @@ class Params(Strict):
             _check_name("study.methods", name, method_registry.names())
         for name, cfg in self.methods.items():
             _check_name(f"methods.{name}", name, method_registry.names())
-            method_registry.get(name).Config(**(cfg or {}))
+            try:
+                method_registry.get(name).Config(**(cfg or {}))
+            except ValidationError as exc:  # re-raised with the full key path
+                raise ValueError(format_validation_error(exc, f"methods.{name}", "")) from None
+        _check_name("tune.method", self.tune.method, method_registry.names())
         return self
 
     def method_config(self, name: str | None = None):
@@ -308,15 +407,19 @@ def params_from_dict(raw: dict, source: str = "params") -> Params:
         raise ParamsError(format_validation_error(exc, source)) from None
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
+def format_validation_error(exc: ValidationError, source: str, prefix: str = "invalid params: ") -> str:
+    """One line: '<source>: invalid params: <key.path>: <problem>; ...'. Nested method configs pass
+    their key prefix as ``source`` and an empty ``prefix``."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
+        if not prefix:
+            loc = f"{source}.{loc}" if loc else source
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against params.yaml)"
         parts.append(f"{loc}: {msg}" if loc else msg)
-    return f"{source}: invalid params: " + "; ".join(parts)
+    return (f"{source}: {prefix}" if prefix else "") + "; ".join(parts)
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:

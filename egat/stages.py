@@ -57,6 +57,13 @@ def eval_path(method: str, domain: str, seed: int) -> Path:
     return Path("evals") / method / domain / f"seed{seed}" / "eval.json"
 
 
+def _logged_params(cell: Params, method: str) -> dict:
+    """Params for MLflow: everything, with the run's method hyperparameters fully resolved."""
+    raw = cell.model_dump(mode="json")
+    raw["methods"] = {method: cell.method_config(method).model_dump(mode="json")}
+    return raw
+
+
 def _tags(params: Params, stage: str, method: str, domain: str, seed: int) -> dict[str, str]:
     return {
         "stage": stage, "method": method, "domain": domain, "seed": str(seed),
@@ -65,16 +72,17 @@ def _tags(params: Params, stage: str, method: str, domain: str, seed: int) -> di
 
 
 def train_run(params: Params, method: str, domain: str, seed: int) -> dict:
-    """Train one cell through the Trainer, tracked in MLflow with its checkpoint and model."""
-    from egat.train import Trainer
+    """Train one cell (in process or on Ray Train, see ``train.backend``), tracked in MLflow with
+    its checkpoint and model."""
+    from egat.train.launch import fit
     from egat.train.trainer import model_from_checkpoint
 
     cell = run_params(params, method, domain, seed)
     out = run_dir(params, method, domain, seed)
     key = f"train/{method}/{domain}/seed{seed}"
-    tracker = MlflowTracker(key, _tags(cell, "train", method, domain, seed), cell.model_dump(mode="json"))
+    tracker = MlflowTracker(key, _tags(cell, "train", method, domain, seed), _logged_params(cell, method))
     with tracker:
-        result = Trainer(cell, out, tracker=tracker).fit()
+        result = fit(cell, out, tracker)
         tracker.log_artifact(result.best_checkpoint, "checkpoint")
         tracker.log_artifact(out / "train_metrics.json")
         model, _, _ = model_from_checkpoint(result.best_checkpoint)
@@ -92,7 +100,8 @@ def evaluate_run(params: Params, method: str, domain: str, seed: int) -> dict:
     model, _, _ = model_from_checkpoint(run_dir(params, method, domain, seed) / "best.pt")
     key = f"evaluate/{method}/{domain}/seed{seed}"
     path = eval_path(method, domain, seed)
-    with MlflowTracker(key, _tags(cell, "evaluate", method, domain, seed), cell.model_dump(mode="json")) as tracker:
+    tags = _tags(cell, "evaluate", method, domain, seed)
+    with MlflowTracker(key, tags, _logged_params(cell, method)) as tracker:
         metrics = evaluate_model(model, cell, [domain], resolve_device(cell))
         metrics.update(method=method, seed=seed)
         io.write_json(path, metrics)
