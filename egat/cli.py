@@ -1,4 +1,4 @@
-"""The `egat` command line: train, evaluate, list methods (and the pipeline stages' verbs)."""
+"""The `egat` command line: train, evaluate, tune, list methods (and the pipeline stages' verbs)."""
 
 from __future__ import annotations
 
@@ -46,12 +46,15 @@ def methods() -> None:
 @OVERRIDES
 @click.option("--run-dir", default=None, help="output folder (default: <train.out_dir>/<method>)")
 def train(config: str, overrides: tuple[str, ...], run_dir: str | None) -> None:
-    """Train one model; writes best.pt, last.pt and train_metrics.json to the run folder."""
-    from egat.train import Trainer
+    """Train one model; writes best.pt, last.pt and train_metrics.json to the run folder.
+
+    Runs in this process or on Ray Train (train.backend, train.workers, RAY_ADDRESS).
+    """
+    from egat.train.launch import fit
 
     params = _params(config, overrides)
     run_dir = run_dir or str(Path(params.train.out_dir) / params.train.method)
-    result = Trainer(params, run_dir).fit()
+    result = fit(params, run_dir)
     click.echo(json.dumps(result.metrics, indent=2))
 
 
@@ -139,6 +142,21 @@ def report(config, overrides, runs: str, out: str) -> None:
     params = _params(config, overrides)
     for path in build_report(runs, out, methods_order=params.study.methods):
         click.echo(path)
+
+
+@cli.command()
+@CONFIG
+@OVERRIDES
+@click.option("--samples", type=click.IntRange(min=1), default=None,
+              help="number of trials (default: tune.num_samples)")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="YAML of the best params (default: tune.best_params_file)")
+def tune(config: str, overrides: tuple[str, ...], samples: int | None, out: str | None) -> None:
+    """Search EGAT's lambdas with Ray Tune (the `tune` group of params.yaml); each trial is a Ray
+    Train run and a nested MLflow run; the best values go to a YAML for `dvc exp run -S`."""
+    from egat.tune import run_search
+
+    run_search(_params(config, overrides), samples=samples, out=out, echo=click.echo)
 
 
 def main(argv: list[str] | None = None) -> None:

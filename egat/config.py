@@ -165,7 +165,7 @@ class ModelParams(Strict):
     name: str = "small_resnet"
     pretrained: str = "none"  # none | imagenet | path to a local state_dict
     dropout: float = Field(0.1, ge=0, lt=1)
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC activations (faster convolutions)
 
 
 class AttackParams(Strict):
@@ -187,8 +187,8 @@ class ExplainerParams(Strict):
 class TrainParams(Strict):
     method: str = "egat"
     domains: list[str] = []  # training domains; empty = the dataset's first domain
-    steps: int = Field(250, ge=1)
-    batch_size: int = Field(64, ge=2)
+    steps: int = Field(150, ge=1)
+    batch_size: int = Field(32, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     eval_every: int = Field(50, ge=1)
@@ -224,6 +224,7 @@ class SweepParams(Strict):
     attacks: list[Literal["fgsm", "mifgsm", "pgd"]] = ["fgsm", "mifgsm", "pgd"]
     eps: list[float] = [0.01, 0.02, 0.03, 0.04]
     steps: int = Field(10, ge=1)
+    max_examples: int = Field(100, ge=0)  # test images of the training domains; 0 = all
 
 
 class FaithfulnessParams(Strict):
@@ -240,7 +241,7 @@ class FaithfulnessParams(Strict):
 
 class EvalParams(Strict):
     batch_size: int = Field(128, ge=1)
-    max_examples: int = Field(0, ge=0)  # per split; 0 = all
+    max_examples: int = Field(200, ge=0)  # per domain test split; 0 = all
     attack: AttackParams = AttackParams()
     sweep: SweepParams = SweepParams()
     faithfulness: FaithfulnessParams = FaithfulnessParams()
@@ -250,8 +251,8 @@ class EvalParams(Strict):
 class StudyParams(Strict):
     """The DVC train/evaluate matrix: methods x training domains x seeds."""
 
-    methods: list[str] = ["erm", "egat"]
-    train_domains: list[str] = []  # empty = the dataset's first domain
+    methods: list[str] = ["erm", "pgd_at", "igr", "ign", "dmada", "irm", "dre", "sgdrop", "egat"]
+    train_domains: list[str] = ["grass"]
     seeds: list[int] = [0]
 
 

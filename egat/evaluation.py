@@ -97,7 +97,7 @@ def attack_sweep(model: Classifier, params: Params, loader, device) -> dict[str,
             alpha = eps * params.eval.attack.alpha / max(params.eval.attack.eps, 1e-12)
             attack_cfg = cfg.model_copy(update={"alpha": alpha})
             attacks[f"{name}@{eps:g}"] = build_attack(model, attack_cfg, eps)
-    acc = evaluate_accuracy(model, loader, device, attacks, params.eval.max_examples)
+    acc = evaluate_accuracy(model, loader, device, attacks, sweep.max_examples)
     result: dict[str, dict[str, float]] = {name: {} for name in sweep.attacks}
     for key, value in acc.items():
         if key != "clean":

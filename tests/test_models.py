@@ -74,3 +74,13 @@ def test_bad_pretrained_inputs(tmp_path):
         build_model("efficientnet_b0", 3, pretrained=mobilenet_weights())
     with pytest.raises(EgatError, match="unknown model 'vgg'; valid: "):
         build_model("vgg", 3)
+
+
+def test_channels_last_computes_the_same_function():
+    torch.manual_seed(0)
+    plain = build_model("small_resnet", 4).eval()
+    fast = build_model("small_resnet", 4, channels_last=True).eval()
+    fast.load_state_dict(plain.state_dict())
+    x = torch.rand(3, 3, 32, 32)
+    assert fast.features(x).is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(plain(x), fast(x), atol=1e-5)

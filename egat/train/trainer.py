@@ -13,7 +13,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,13 +25,18 @@ from egat.config import Params
 from egat.data import DomainDataset, read_splits
 from egat.errors import EgatError
 from egat.methods import build_method
-from egat.metrics.accuracy import clean_accuracy
+from egat.metrics.accuracy import evaluate_accuracy, iterate_batches
 from egat.models import Classifier, build_model
 from egat.tracking import NullTracker, Tracker
 from egat.train.sampler import StepBatchSampler
 
 log = logging.getLogger(__name__)
 LAST, BEST, METRICS, TIMING = "last.pt", "best.pt", "train_metrics.json", "train_timing.json"
+# Keys that choose where and how a run executes, not what it computes: a run resumes across them.
+RUNTIME_KEYS = ("progress", "out_dir", "num_threads", "backend", "max_failures", "storage_path",
+                "resources_per_worker")
+# on_report(step, metrics, checkpointed): called on every rank after a validation or a checkpoint.
+ReportHook = Callable[[int, dict[str, float], bool], None]
 
 
 @dataclass
@@ -75,7 +80,7 @@ def build_dataset(params: Params, splits: dict, domains: list[str], split: str, 
 def params_fingerprint(params: Params) -> str:
     """A digest of everything that shapes training; a resumed run must match it."""
     raw = params.model_dump(mode="json")
-    for volatile in ("progress", "out_dir", "num_threads"):
+    for volatile in RUNTIME_KEYS:
         raw["train"].pop(volatile, None)
     for group in ("eval", "report", "tune", "study"):
         raw.pop(group, None)
@@ -93,6 +98,49 @@ def checkpoint_payload(model: Classifier, params: Params, splits: dict, **extra)
     }
 
 
+def validation_metrics(model: Classifier, params: Params, loader, device: torch.device) -> dict:
+    """cAcc on ``train.val_batches`` validation batches, plus ``train.val_metrics``: aAcc under
+    ``eval.attack`` and Grad-CAM comprehensiveness (as in evaluation), all in percent.
+
+    The attack's random start draws from a forked RNG seeded by ``train.seed``, so validation is
+    deterministic and leaves the training RNG stream untouched.
+    """
+    t = params.train
+    max_examples = t.val_batches * params.eval.batch_size
+    if not t.val_metrics:
+        return {"val/acc": evaluate_accuracy(model, loader, device, max_examples=max_examples)["clean"]}
+    from egat.attacks import build_attack, model_mode
+
+    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(t.seed)
+        attacks = {"aacc": build_attack(model, params.eval.attack)} if "aacc" in t.val_metrics else {}
+        acc = evaluate_accuracy(model, loader, device, attacks, max_examples)
+    out = {"val/acc": acc["clean"], **{f"val/{k}": v for k, v in acc.items() if k != "clean"}}
+    if "comp" in t.val_metrics:
+        from egat.explain import build_explainer
+        from egat.metrics.faithfulness import erasure_scores
+
+        explainer = build_explainer(params.explainer.name, model)
+        faith = params.eval.faithfulness
+        comp, n = 0.0, 0
+        with model_mode(model, "eval"):
+            for batch in iterate_batches(loader, device, max_examples):
+                x = batch["image"]
+                with torch.no_grad():
+                    probs = model(x).softmax(1)
+                pred = probs.argmax(1)
+                maps = explainer.attribute(x, pred)
+                c, _ = erasure_scores(
+                    model, x, maps, pred, faith.ks, faith.baseline,
+                    clean_prob=probs.gather(1, pred[:, None])[:, 0],
+                )
+                comp += float(c.mean(0).sum())
+                n += len(x)
+        out["val/comp"] = 100.0 * comp / max(n, 1)
+    return out
+
+
 def model_from_checkpoint(path: str | Path) -> tuple[Classifier, Params, dict]:
     from egat.config import params_from_dict
 
@@ -102,7 +150,8 @@ def model_from_checkpoint(path: str | Path) -> tuple[Classifier, Params, dict]:
     ckpt = io.torch_load(path)
     params = params_from_dict(ckpt["params"], source=str(path))
     model = build_model(
-        params.model.name, len(ckpt["classes"]), pretrained="none", dropout=params.model.dropout
+        params.model.name, len(ckpt["classes"]), pretrained="none", dropout=params.model.dropout,
+        channels_last=params.model.channels_last,
     )
     model.load_state_dict(ckpt["model"])
     return model, params, ckpt
@@ -112,12 +161,14 @@ class Trainer:
     def __init__(
         self, params: Params, run_dir: str | Path, tracker: Tracker | None = None,
         device: torch.device | None = None, rank: int = 0, world_size: int = 1,
+        on_report: ReportHook | None = None,
     ):
         self.params = params
         self.run_dir = Path(run_dir)
         self.tracker = tracker or NullTracker()
         self.device = device or resolve_device(params)
         self.rank, self.world_size = rank, world_size
+        self.on_report = on_report  # Ray workers report metrics and checkpoints through it
 
     def fit(self) -> TrainResult:
         p, t = self.params, self.params.train
@@ -129,7 +180,8 @@ class Trainer:
         train_ds = build_dataset(p, splits, domains, "train", augment=p.data.augment)
         val_ds = build_dataset(p, splits, domains, "val")
         model = build_model(
-            p.model.name, len(splits["classes"]), p.model.pretrained, p.model.dropout
+            p.model.name, len(splits["classes"]), p.model.pretrained, p.model.dropout,
+            channels_last=p.model.channels_last,
         ).to(self.device)
         method = build_method(model, p)
         optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -143,6 +195,8 @@ class Trainer:
                 model.load_state_dict(ckpt["model"])
                 optimizer.load_state_dict(ckpt["optimizer"])
                 torch.set_rng_state(ckpt["rng"])
+                if ckpt.get("cuda_rng") and len(ckpt["cuda_rng"]) == torch.cuda.device_count():
+                    torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
                 state.update(ckpt["state"])
                 log.warning("resuming %s from step %d", self.run_dir, state["step"])
             else:
@@ -159,16 +213,24 @@ class Trainer:
         sampler = StepBatchSampler(
             len(train_ds), t.batch_size, t.seed, t.steps, state["step"], self.rank, self.world_size
         )
+        # Loaders draw their iterators' base seeds from their own generators, not the global RNG:
+        # a resumed run (which creates its iterator at step k) then continues the global RNG
+        # stream (dropout, attacks, mixup) exactly as the uninterrupted run does.
         loader = DataLoader(
             train_ds, batch_sampler=sampler, num_workers=p.data.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=p.data.num_workers > 0,
+            generator=torch.Generator().manual_seed(t.seed * 1_000_003 + state["step"]),
         )
-        val_loader = DataLoader(val_ds, batch_size=p.eval.batch_size, num_workers=p.data.num_workers)
+        val_loader = DataLoader(
+            val_ds, batch_size=p.eval.batch_size, num_workers=p.data.num_workers,
+            generator=torch.Generator().manual_seed(t.seed),
+        )
         bar = tqdm(
             total=t.steps, initial=state["step"], disable=not t.progress or self.rank != 0,
             desc=f"train {t.method}", unit="step", dynamic_ncols=True,
         )
         started = time.perf_counter() - state["elapsed_s"]
+        latest: dict[str, float] = {}
         model.train()
         for batch in loader:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -177,6 +239,7 @@ class Trainer:
             out.loss.backward()
             self._sync_gradients(model)
             optimizer.step()
+            self._sync_buffers(model)
             state["step"] += 1
             step = state["step"]
             if step % 10 == 0 or step == t.steps:
@@ -184,13 +247,15 @@ class Trainer:
                 logged = {f"train/{k}": v.item() for k, v in out.terms.items()}
                 logged.update({"train/loss": out.loss.item(), "train/acc": acc})
                 self.tracker.log_metrics(logged, step)
+                latest.update({"train/loss": out.loss.item(), "train/acc": acc})
                 bar.set_postfix(loss=f"{out.loss.item():.3f}", best_val=f"{state['best_val_acc']:.1f}")
-            if step % t.eval_every == 0 or step == t.steps:
-                val_acc = clean_accuracy(
-                    model, val_loader, self.device,
-                    max_examples=t.val_batches * p.eval.batch_size,
-                )
-                self.tracker.log_metrics({"val/acc": val_acc}, step)
+            evaluated = step % t.eval_every == 0 or step == t.steps
+            checkpointed = step % t.checkpoint_every == 0 or step == t.steps
+            if evaluated:
+                val = validation_metrics(model, p, val_loader, self.device)
+                val_acc = val["val/acc"]
+                self.tracker.log_metrics(val, step)
+                latest.update(val)
                 if val_acc > state["best_val_acc"]:
                     state.update(best_val_acc=val_acc, best_step=step)
                     if self.rank == 0:
@@ -199,30 +264,45 @@ class Trainer:
                             self.run_dir / BEST,
                         )
                 model.train()
-            if step % t.checkpoint_every == 0 or step == t.steps:
+            if checkpointed:
                 state["elapsed_s"] = time.perf_counter() - started
                 if self.rank == 0:
                     io.torch_save(
                         {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "rng": torch.get_rng_state(), "state": dict(state),
+                         "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
                          "fingerprint": fingerprint},
                         last,
                     )
+            if self.on_report is not None and (evaluated or checkpointed):
+                self.on_report(step, dict(latest, best_val_acc=state["best_val_acc"]), checkpointed)
             bar.update(1)
         bar.close()
         state["elapsed_s"] = time.perf_counter() - started
         return self._finish(model, state)
 
     def _sync_gradients(self, model: Classifier) -> None:
-        """Average gradients across ranks (no-op for one worker)."""
+        """Average gradients across ranks (no-op for one worker), in one flat all-reduce.
+
+        Not DDP: methods call ``model.features``/``model.head`` and attacks take input gradients
+        outside DDP's forward, which its reducer does not support.
+        """
         if self.world_size == 1:
             return
-        import torch.distributed as dist
+        grads = [param.grad for param in model.parameters() if param.grad is not None]
+        _all_reduce_mean(grads, self.world_size)
 
-        for param in model.parameters():
-            if param.grad is not None:
-                dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-                param.grad /= self.world_size
+    def _sync_buffers(self, model: Classifier) -> None:
+        """Average floating-point buffers (BatchNorm running statistics) across ranks.
+
+        Each rank updates them from its shard of the global batch; averaging keeps every rank's
+        model identical (eval-mode attacks, validation and resumed runs see the same statistics)
+        and matches the running mean one worker would keep over the whole global batch.
+        """
+        if self.world_size == 1:
+            return
+        buffers = [b for b in model.buffers() if b.is_floating_point()]
+        _all_reduce_mean(buffers, self.world_size)
 
     def _finish(self, model: Classifier, state: dict) -> TrainResult:
         steps = max(state["step"], 1)
@@ -242,3 +322,21 @@ class Trainer:
             logged = {f"final/{k}": float(v) for k, v in {**metrics, **timing}.items()}
             self.tracker.log_metrics(logged, steps)
         return TrainResult(self.run_dir, self.run_dir / BEST, {**metrics, **timing})
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor], world_size: int) -> None:
+    """Average ``tensors`` in place across ranks with one all-reduce of their concatenation."""
+    import torch.distributed as dist
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world_size
+        offset = 0
+        for t in group:
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view_as(t))
+            offset += n

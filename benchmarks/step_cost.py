@@ -1,4 +1,5 @@
-"""Training-step cost of every registered method relative to ERM, measured side by side.
+"""Training-step cost of every registered method relative to ERM, measured side by side,
+and our Grad-CAM against captum's LayerGradCam on the same batch.
 
 One full step = method.loss + zero_grad + backward + Adam step, on ``small_resnet`` (10 classes),
 random 32 px images, batch 64, params.yaml's defaults (training PGD: 10 steps). Methods run in
@@ -7,9 +8,11 @@ each method has its own model copy from the same initialisation. Prints the medi
 the median CPU time of this process per step (the CPU time is less sensitive to other processes
 competing for the cores) and both ratios to ERM.
 
-    .venv/bin/python benchmarks/method_cost.py                  # every method, 10 rounds, 2 threads
-    .venv/bin/python benchmarks/method_cost.py --methods erm pgd_at ign --rounds 5 --domains 2
-    .venv/bin/python benchmarks/method_cost.py --methods ign --set methods.ign.m=5
+Target (issue 2): EGAT / PGD-AT <= 1.2 at the same PGD.
+
+    .venv/bin/python benchmarks/step_cost.py --methods erm pgd_at egat   # the issue's three
+    .venv/bin/python benchmarks/step_cost.py                  # every method, 10 rounds, 2 threads
+    .venv/bin/python benchmarks/step_cost.py --methods ign --set methods.ign.m=5
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import time
 import torch
 
 from egat.config import load_params
+from egat.explain import normalise_maps
+from egat.explain.gradcam import GradCAM
 from egat.methods import build_method, method_registry
 from egat.models import build_model
 
@@ -48,7 +53,7 @@ def main() -> None:
     names = args.methods or method_registry.names()
     if "erm" not in names:
         names = ["erm", *names]
-    base = build_model("small_resnet", 10).train()
+    base = build_model("small_resnet", 10, channels_last=params.model.channels_last).train()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 3, args.size, args.size, generator=g)
     batch = {
@@ -98,9 +103,45 @@ def main() -> None:
         })
         print(f"{name:<12} {wall * 1e3:9.1f} {wall / erm_wall:7.2f} {cpu * 1e3:9.1f} "
               f"{cpu / erm_cpu:7.2f}")
+    ratios = {}
+    if {"egat", "pgd_at"} <= set(names):
+        ratios["egat/pgd_at"] = median("egat", 0) / median("pgd_at", 0)
+        ratios["egat/erm"] = median("egat", 0) / erm_wall
+        held = "met" if ratios["egat/pgd_at"] <= 1.2 else "NOT met"
+        print(f"EGAT / PGD-AT = {ratios['egat/pgd_at']:.2f} (target <= 1.2: {held}); "
+              f"EGAT / ERM = {ratios['egat/erm']:.2f}")
+    explain = gradcam_vs_captum(base.eval(), x, batch["label"], args.rounds)
+    print(f"Grad-CAM, batch {args.batch}: ours {explain['ours_ms']:.2f} ms, captum LayerGradCam "
+          f"{explain['captum_ms']:.2f} ms ({explain['speedup']:.1f}x), max |diff| "
+          f"{explain['max_abs_diff']:.1e}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": rows}, f, indent=2)
+            json.dump({"args": vars(args), "results": rows, "ratios": ratios, "gradcam": explain},
+                      f, indent=2)
+
+
+def gradcam_vs_captum(model, x, y, rounds: int) -> dict[str, float]:
+    """Our batched closed-form Grad-CAM vs captum's LayerGradCam on the same layer and batch."""
+    from captum.attr import LayerGradCam
+
+    ours, theirs = GradCAM(model), LayerGradCam(model, model.backbone)
+
+    def run_captum():
+        return normalise_maps(theirs.attribute(x, target=y, relu_attributions=True)[:, 0])
+
+    times: dict[str, list[float]] = {"ours": [], "captum": []}
+    for _ in range(rounds + 1):  # the first round warms up
+        for name, fn in (("ours", lambda: ours.attribute(x, y)), ("captum", run_captum)):
+            start = time.perf_counter()
+            maps = fn()
+            times[name].append(time.perf_counter() - start)
+            if name == "ours":
+                ours_maps = maps
+            else:
+                captum_maps = maps.detach()
+    ours_s, captum_s = statistics.median(times["ours"][1:]), statistics.median(times["captum"][1:])
+    return {"ours_ms": ours_s * 1e3, "captum_ms": captum_s * 1e3, "speedup": captum_s / ours_s,
+            "max_abs_diff": float((ours_maps - captum_maps).abs().max())}
 
 
 if __name__ == "__main__":

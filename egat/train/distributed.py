@@ -1,0 +1,447 @@
+"""Ray Train (V2): the one Trainer on N workers, with checkpoints in Ray's storage and recovery.
+
+The driver (:func:`fit_ray`) joins the cluster named by RAY_ADDRESS or starts a private local one,
+checks that the cluster can hold the run, and fits a ``TorchTrainer`` whose workers
+(:func:`train_worker`) each build the :class:`~egat.train.trainer.Trainer` with their rank:
+
+* batches: ``StepBatchSampler`` shards each global batch of ``train.batch_size`` by rank as a pure
+  function of (seed, step) (the distributed sampler: no ``set_epoch`` state to carry);
+* gradients and BatchNorm statistics are averaged across ranks by the Trainer (gloo on CPU, NCCL
+  on GPU). Not DDP/``prepare_model``: EGAT calls ``model.features``/``model.head`` and its attacks
+  take input gradients outside DDP's forward, which DDP's reducer does not support;
+* every ``train.checkpoint_every`` steps rank 0 reports ``last.pt`` (model, optimiser, RNG
+  states, step) and ``best.pt`` as a Ray checkpoint; every rank reports the same metrics;
+* a dead worker restarts the worker group from the latest checkpoint (``train.max_failures``),
+  and running the same run again (same name and storage path) resumes from it;
+* rank 0 alone logs to MLflow and writes files; at the end the driver copies ``best.pt``,
+  ``last.pt`` and the metrics files from the final checkpoint into the run folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from egat.config import Params, params_from_dict
+from egat.errors import EgatError
+from egat.tracking import NullTracker, Tracker
+from egat.train.trainer import BEST, LAST, METRICS, TIMING, TrainResult
+
+log = logging.getLogger(__name__)
+# Train V2 (the default since Ray 2.5x; opt-in before). Set before ray.train is imported.
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+RUN_FILES = (LAST, BEST, METRICS, TIMING)
+CONNECT_TIMEOUT_S = 5.0
+# Names of the metrics workers report (to Ray Train, and to Tune through TuneReportCallback).
+REPORT_NAMES = {
+    "val/acc": "val_cacc", "val/aacc": "val_aacc", "val/comp": "val_comp",
+    "train/loss": "train_loss", "train/acc": "train_acc", "best_val_acc": "best_val_acc",
+}
+
+
+# --------------------------------------------------------------------------------------- cluster
+def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail within ``timeout`` seconds when RAY_ADDRESS names a host:port that does not answer."""
+    if address in ("auto", "local"):
+        return
+    parts = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise EgatError(f"RAY_ADDRESS={address!r} is not host:port ({exc})") from None
+    if not host or not port:
+        raise EgatError(f"RAY_ADDRESS={address!r}: expected host:port, ray://host:port or 'auto'")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise EgatError(
+            f"RAY_ADDRESS={address} is unreachable ({exc}); start the cluster (`ray start --head`) "
+            "or unset RAY_ADDRESS to train on a private local Ray cluster"
+        ) from None
+
+
+def local_capacity(per_worker: Mapping[str, float]) -> int:
+    """How many workers the private local cluster would hold (its CPUs and visible GPUs)."""
+    import torch
+
+    have = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    return min(
+        (math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in per_worker.items() if v > 0),
+        default=0,
+    )
+
+
+def connect(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS, else start a private local one (no-op if connected)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    started = time.perf_counter()
+    if address:
+        check_address(address)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, TimeoutError, RuntimeError) as exc:
+            raise EgatError(f"could not join the Ray cluster at RAY_ADDRESS={address}: {exc}") from None
+    else:
+        ray.init(
+            address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+            logging_level=logging.WARNING,
+            runtime_env={"worker_process_setup_hook": "egat.train.distributed.quiet_state_api"},
+        )
+    log.info("ray ready in %.1f s: %s", time.perf_counter() - started, ray.cluster_resources())
+
+
+def quiet_state_api() -> None:
+    """Worker setup hook of the private local cluster. It runs without the dashboard (SPEC 7),
+    so Ray Train's placement-group cleaner cannot reach the State API and would log a warning
+    every second of every run; it still cleans up when the controller's actor ends."""
+    logging.getLogger(
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    ).setLevel(logging.ERROR)
+
+
+def reap_orphan_placement_groups() -> int:
+    """Remove the placement groups whose creating actor has died; returns how many.
+
+    A Ray Train controller killed with its Tune trial (ASHA stopping it) leaves its workers'
+    placement group behind: the group belongs to the job, and Ray Train's PlacementGroupCleaner
+    needs the State API, which a cluster without the dashboard (this private one) lacks. The
+    leaked CPUs would starve every later trial. Groups made by a driver (Tune's own) or detached
+    ones are never touched. Best effort: it reads the GCS table through Ray's private accessor.
+    """
+    import ray
+
+    try:
+        from ray._private.state import state
+        from ray.core.generated import gcs_pb2
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        table = gcs_pb2.PlacementGroupTableData
+        live = {table.PENDING, table.CREATED, table.RESCHEDULING}
+        nil = ray.ActorID.nil().binary()
+        removed = 0
+        for raw in state._connect_and_get_accessor().get_placement_group_table():
+            pg = table.FromString(raw)
+            if (pg.state in live and pg.creator_actor_dead and not pg.is_detached
+                    and pg.creator_actor_id and pg.creator_actor_id != nil):
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+                removed += 1
+        if removed:
+            log.info("removed %d placement group(s) of dead Ray Train controllers", removed)
+        return removed
+    except Exception as exc:  # a private API: never let it break a run
+        log.debug("could not reap placement groups: %s", exc)
+        return 0
+
+
+def resolve_use_gpu(params: Params) -> bool:
+    """``train.use_gpu``: auto = GPUs when the cluster (or, before it starts, this machine) has any."""
+    import ray
+
+    if ray.is_initialized():
+        gpus = ray.cluster_resources().get("GPU", 0)
+    else:
+        gpus = local_capacity({"GPU": 1})
+    want = params.train.use_gpu
+    if want == "true" and gpus < 1:
+        raise EgatError("train.use_gpu=true but the Ray cluster has no GPU; use 'auto' or 'false'")
+    return want == "true" or (want == "auto" and gpus >= 1)
+
+
+def worker_resources(use_gpu: bool, resources: Mapping[str, float] | None) -> dict[str, float]:
+    """What each worker asks Ray for (Ray's defaults: 1 CPU, or 1 GPU with use_gpu)."""
+    res = {k: float(v) for k, v in (resources or {}).items() if v}
+    if not res:
+        res = {"GPU": 1.0} if use_gpu else {"CPU": 1.0}
+    if use_gpu:
+        res.setdefault("GPU", 1.0)
+    return res
+
+
+def cluster_capacity(per_worker: Mapping[str, float]) -> int:
+    """How many workers of ``per_worker`` resources the cluster holds (each on one node)."""
+    import ray
+
+    if not ray.is_initialized():
+        return local_capacity(per_worker)
+    fits = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        fits += min(
+            (math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in per_worker.items() if v > 0),
+            default=0,
+        )
+    return fits
+
+
+def check_resources(workers: int, per_worker: Mapping[str, float], what: str = "train.workers") -> None:
+    """A clear error, before anything starts, when the cluster cannot hold ``workers`` workers
+    (before Ray starts, for the private local cluster it would start)."""
+    import ray
+
+    capacity = cluster_capacity(per_worker)
+    if workers > capacity:
+        if ray.is_initialized():
+            total = ray.cluster_resources()
+        else:
+            total = {"CPU": float(os.cpu_count() or 1), "GPU": float(local_capacity({"GPU": 1}))}
+        have = {k: total.get(k, 0.0) for k in per_worker}
+        raise EgatError(
+            f"{what}={workers} workers x {dict(per_worker)} do not fit the Ray cluster, which "
+            f"holds {capacity} such worker(s) (it has {have}); lower {what}, "
+            "train.resources_per_worker or train.use_gpu, or add nodes"
+        )
+
+
+def storage_path(params: Params) -> str:
+    """Ray's storage for run state and checkpoints: absolute (local), or a URI (s3://, gs://)."""
+    path = params.train.storage_path
+    if path and "://" in path:
+        return path
+    return str(Path(path or Path(params.train.out_dir) / "_ray").resolve())
+
+
+def run_name(run_dir: str | Path) -> str:
+    """A stable Ray run name for a run folder: its last parts and a digest of the full path."""
+    path = Path(run_dir).resolve()
+    slug = "-".join(path.parts[-3:])
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", slug)
+    return f"{slug}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+
+
+# ---------------------------------------------------------------------------------------- MLflow
+class RunTracker(Tracker):
+    """Logs to an existing MLflow run by id (picklable: rank 0 of a Ray run logs through it)."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._client = None
+
+    def __getstate__(self):
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            import mlflow
+
+            self._client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        for attempt in range(5):  # sqlite under concurrent writers: "database is locked"
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+                return
+            except Exception as exc:
+                if "locked" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.2 * 2**attempt)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def worker_tracker(tracker: Tracker | None) -> Tracker | None:
+    """The tracker rank 0 logs through: a RunTracker for an MLflow run, else none."""
+    run_id = getattr(tracker, "run_id", None)
+    if not run_id:
+        return None
+    from egat.tracking.mlflow_tracker import tracking_uri
+
+    return RunTracker(tracking_uri(), run_id)
+
+
+# --------------------------------------------------------------------------------------- workers
+def report_metrics(step: int, metrics: Mapping[str, float], objective: str | None) -> dict:
+    """The Trainer's metrics under flat names, with ``step`` and the Tune ``objective``."""
+    out: dict[str, Any] = {"step": int(step)}
+    for key, value in metrics.items():
+        out[REPORT_NAMES.get(key, key.replace("/", "_"))] = float(value)
+    if objective:
+        terms = objective.split("+")
+        if all(t in out for t in terms):
+            out["objective"] = sum(out[t] for t in terms)
+    return out
+
+
+def _inject_fault(fault: Mapping[str, Any] | None, step: int, rank: int) -> None:
+    """Testing aid: the worker of rank ``fault['rank']`` SIGKILLs itself at ``fault['step']``,
+    once (a marker file records that it did)."""
+    if not fault or step != fault["step"] or rank != fault.get("rank", 0):
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(f"killed pid {os.getpid()} rank {rank} at step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _checkpoint_dir(work: Path, names: Sequence[str]) -> Path:
+    staging = Path(tempfile.mkdtemp(prefix="egat-ckpt-"))
+    for name in names:
+        if (work / name).is_file():
+            shutil.copy2(work / name, staging / name)
+    return staging
+
+
+def _report(metrics: dict, work: Path | None, names: Sequence[str]) -> None:
+    """ray.train.report on every rank; rank 0 (``work`` set) attaches a checkpoint of ``names``."""
+    import ray.train
+
+    if work is None:
+        ray.train.report(metrics)
+        return
+    staging = _checkpoint_dir(work, names)
+    try:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def train_worker(config: dict) -> None:
+    """The per-worker function of the TorchTrainer: one Trainer with this worker's rank."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from egat.train.trainer import Trainer
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if config.get("cwd") and os.path.isdir(config["cwd"]):
+        os.chdir(config["cwd"])  # relative data paths resolve as on the driver
+    params = params_from_dict(config["params"], source="ray worker params")
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    work = Path(tempfile.mkdtemp(prefix=f"egat-rank{rank}-"))
+    try:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as ckpt_dir:
+                for name in RUN_FILES:
+                    if (Path(ckpt_dir) / name).is_file():
+                        shutil.copy2(Path(ckpt_dir) / name, work / name)
+        tracker = (config.get("tracker") if rank == 0 else None) or NullTracker()
+        objective = config.get("objective")
+        fault = config.get("fault")
+
+        last: dict[str, Any] = {}
+
+        def on_report(step: int, metrics: dict, checkpointed: bool) -> None:
+            _inject_fault(fault, step, rank)
+            flat = report_metrics(step, metrics, objective)
+            last.update(flat)
+            _report(flat, work if checkpointed and rank == 0 else None, (LAST, BEST))
+
+        result = Trainer(params, work, tracker, device, rank, world, on_report=on_report).fit()
+        # The final report: the last validation's metrics (and objective), the run's summary and
+        # every output file (a resumed, already finished run reports only the summary).
+        final = {**last, **{k: float(v) for k, v in result.metrics.items()}}
+        final.update(step=int(result.metrics["steps"]), final=1)  # not "done": Tune would stop the trial
+        _report(final, work if rank == 0 else None, RUN_FILES)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------- driver
+def fit_ray(
+    params: Params, run_dir: str | Path | None, tracker: Tracker | None = None, *,
+    name: str | None = None, callbacks: Sequence[Any] = (), objective: str | None = None,
+    cwd: str | None = None, fault: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train through a Ray Train ``TorchTrainer`` with ``train.workers`` workers.
+
+    Args:
+        run_dir: where best.pt, last.pt and the metrics files are copied at the end; None keeps
+            them in Ray's storage only (Tune trials).
+        tracker: an MLflow run (``MlflowTracker``) that rank 0 logs its metrics to.
+        name: the Ray run name (default: derived from ``run_dir``); the same name and
+            ``train.storage_path`` resume the run from its latest checkpoint.
+        callbacks: Ray Train callbacks (Tune trials pass ``TuneReportCallback()``).
+        objective: a "+"-joined sum of reported metrics reported as ``objective`` (Tune).
+        cwd: the folder relative paths of ``params`` resolve from (default: this process's).
+        fault: testing aid, see :func:`_inject_fault`.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if run_dir is None and name is None:
+        raise ValueError("fit_ray needs a run_dir or a name")
+    t = params.train
+    if not os.environ.get("RAY_ADDRESS", "").strip():
+        # The private local cluster: refuse what it cannot hold before spending seconds on it.
+        check_resources(t.workers, worker_resources(resolve_use_gpu(params), t.resources_per_worker))
+    connect()
+    reap_orphan_placement_groups()  # left by runs killed earlier in this Ray session
+    use_gpu = resolve_use_gpu(params)
+    per_worker = worker_resources(use_gpu, t.resources_per_worker)
+    check_resources(t.workers, per_worker)
+    name = name or run_name(run_dir)
+    raw = params.model_dump(mode="json")
+    raw["train"]["progress"] = False  # workers report through Ray, not a progress bar
+    config = {
+        "params": raw, "use_gpu": use_gpu, "cwd": cwd or os.getcwd(), "objective": objective,
+        "tracker": worker_tracker(tracker), "fault": dict(fault) if fault else None,
+    }
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=per_worker,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path(params),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            callbacks=list(callbacks) or None,
+        ),
+    )
+    started = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise EgatError(f"Ray Train run {name!r} failed: {exc}") from exc
+    wall = time.perf_counter() - started
+    if result.checkpoint is None:
+        raise EgatError(f"Ray Train run {name!r} ended without a checkpoint")
+    metrics = {k: result.metrics[k] for k in ("best_val_acc", "best_step", "steps")}
+    timing = {k: result.metrics[k] for k in ("train_time_s", "time_per_step_s")}
+    for key in ("best_step", "steps"):
+        metrics[key] = int(metrics[key])
+    timing["ray_wall_s"] = round(wall, 3)
+    if run_dir is None:
+        where = result.checkpoint.path
+        return TrainResult(Path(where), Path(f"{where}/{BEST}"), {**metrics, **timing})
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as ckpt_dir:
+        for fname in RUN_FILES:
+            if (Path(ckpt_dir) / fname).is_file():
+                shutil.copy2(Path(ckpt_dir) / fname, run_dir / fname)
+    if (run_dir / METRICS).is_file():
+        metrics = json.loads((run_dir / METRICS).read_text())
+    return TrainResult(run_dir, run_dir / BEST, {**metrics, **timing})

@@ -1,0 +1,407 @@
+"""`egat tune`: Ray Tune's search over EGAT's lambdas, in Ray's V2 driver-function pattern.
+
+Each trial runs :func:`trial_driver`, which builds and fits a Ray Train ``TorchTrainer`` (through
+:func:`egat.train.launch.fit`, the one training entry point) named from the trial id, and passes
+the workers' reports to Tune with ``TuneReportCallback``. Workers report ``step``, ``val_cacc``,
+``val_aacc`` / ``val_comp`` (as the objective needs) and ``objective``; ASHA stops weak trials at
+its rungs (in steps) and Optuna's TPE may propose the lambdas.
+
+MLflow: one parent run per search and one child run per trial (tag ``mlflow.parentRunId``), with
+the trial's lambdas as params and its reported metrics; the driver writes them all
+(:func:`mlflow_callback`), so trials that ASHA stops are closed too.
+
+The best lambdas are printed as a table and written to ``tune.best_params_file`` as flat
+``methods.egat.lambda_adv: ...`` keys, with the ``dvc exp run -S ...`` command to run them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from egat.config import TUNE_KEYS, Params, TuneParams, params_from_dict
+from egat.errors import EgatError
+
+# The validation metrics each objective needs from the Trainer.
+OBJECTIVE_VAL_METRICS = {"val_cacc+val_aacc": ["aacc"], "val_cacc": [], "val_comp": ["comp"]}
+REPORTED = ("val_cacc", "val_aacc", "val_comp", "objective", "train_loss", "train_acc",
+            "best_val_acc")
+
+
+@dataclass
+class SearchResult:
+    name: str
+    best_config: dict[str, float]
+    best_metrics: dict[str, float]
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    best_params_file: Path | None = None
+    parent_run_id: str | None = None
+
+
+def param_key(tp: TuneParams, key: str) -> str:
+    """The params key a searched name sets, e.g. lambda_adv -> methods.egat.lambda_adv."""
+    return TUNE_KEYS[key].format(method=tp.method)
+
+
+def search_space(tp: TuneParams) -> dict[str, Any]:
+    """Ray Tune distributions of the searched keys; an empty space is an error."""
+    from ray import tune
+
+    searched = tp.searched()
+    if not searched:
+        raise EgatError(
+            "tune.space is empty: give at least one of "
+            f"{', '.join(TUNE_KEYS)} a range (low/high) or a list of values"
+        )
+    space = {}
+    for key, r in searched.items():
+        if r.values is not None:
+            space[key] = tune.choice(list(r.values))
+        elif r.low == r.high:
+            space[key] = r.low
+        elif r.log:
+            space[key] = tune.loguniform(r.low, r.high)
+        else:
+            space[key] = tune.uniform(r.low, r.high)
+    return space
+
+
+def trial_params(params: Params, sample: Mapping[str, float]) -> Params:
+    """The params of one trial: the sampled values set, and the search's training budget."""
+    tp = params.tune
+    raw = params.model_dump(mode="json")
+    t = raw["train"]
+    t.update(
+        method=tp.method, progress=False, val_batches=tp.val_batches,
+        val_metrics=OBJECTIVE_VAL_METRICS[tp.objective],
+    )
+    if tp.steps:
+        t["steps"] = tp.steps
+    t["eval_every"] = min(tp.eval_every or t["eval_every"], t["steps"])
+    t["checkpoint_every"] = t["eval_every"]  # every report carries a checkpoint
+    if tp.workers:
+        t["workers"] = tp.workers
+    if tp.resources_per_worker is not None:
+        t["resources_per_worker"] = tp.resources_per_worker
+    for key, value in sample.items():
+        _set(raw, param_key(tp, key), float(value))
+    return params_from_dict(raw, source="tune trial params")
+
+
+def _set(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+
+
+def max_concurrency(params: Params) -> int:
+    """Trials that can run at once: the cluster's capacity in workers / workers per trial,
+    bounded by ``tune.max_concurrent_trials`` (0 = no other bound)."""
+    from egat.train import distributed
+
+    probe = trial_params(params, {})
+    use_gpu = distributed.resolve_use_gpu(probe)
+    per_worker = distributed.worker_resources(use_gpu, probe.train.resources_per_worker)
+    distributed.check_resources(probe.train.workers, per_worker, what="tune workers per trial")
+    fits = distributed.cluster_capacity(per_worker) // probe.train.workers
+    want = params.tune.max_concurrent_trials
+    return max(1, min(fits, want) if want else fits)
+
+
+def trial_driver(config: dict, ctx: dict) -> None:
+    """One Tune trial: a TorchTrainer named from the trial id, reporting through Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from egat.train.launch import fit
+
+    os.chdir(ctx["cwd"])  # Tune may have moved this process into the trial folder
+    params = trial_params(params_from_dict(ctx["params"]), config)
+    trial_id = tune.get_context().get_trial_id()
+    fit(
+        params, None, backend="ray", name=f"{ctx['name']}-{trial_id}",
+        callbacks=[TuneReportCallback()], objective=ctx["objective"], cwd=ctx["cwd"],
+    )
+
+
+def mlflow_callback(client, experiment_id: str, parent_id: str, search: str, steps: int):
+    """A Ray Tune callback, on the search's driver: one MLflow run per trial, nested under
+    ``parent_id``, with the trial's sampled values as params and its reports as metrics (and the
+    placement groups of stopped trials freed, see ``reap_orphan_placement_groups``)."""
+    from ray.tune import Callback
+
+    class MlflowTrialCallback(Callback):
+        def __init__(self):
+            self.runs: dict[str, str] = {}
+            self.last_step: dict[str, int] = {}
+            self.reaped_at = 0.0
+
+        def on_step_begin(self, iteration, trials, **info):
+            # A stopped trial's Train controller dies with it and leaks its workers' placement
+            # group when the cluster has no State API: free those every few seconds.
+            if time.monotonic() - self.reaped_at > 5.0:
+                from egat.train.distributed import reap_orphan_placement_groups
+
+                reap_orphan_placement_groups()
+                self.reaped_at = time.monotonic()
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            if trial.trial_id in self.runs:
+                return
+            run = client.create_run(
+                experiment_id, run_name=f"{search}/{trial.trial_id}",
+                tags={"mlflow.parentRunId": parent_id, "egat_key": f"tune/{search}/{trial.trial_id}",
+                      "stage": "tune-trial", "trial_id": trial.trial_id},
+            )
+            self.runs[trial.trial_id] = run.info.run_id
+            from mlflow.entities import Param
+
+            client.log_batch(run.info.run_id, params=[
+                Param(k, repr(float(v))) for k, v in trial.config.items()
+            ])
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            run_id = self.runs.get(trial.trial_id)
+            if run_id is None:
+                return
+            from mlflow.entities import Metric
+
+            step = int(result.get("step", 0))
+            now = int(time.time() * 1000)
+            metrics = [
+                Metric(k, float(result[k]), now, step) for k in REPORTED
+                if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])
+            ]
+            if metrics:
+                client.log_batch(run_id, metrics=metrics)
+            self.last_step[trial.trial_id] = step
+
+        def _close(self, trial, status):
+            run_id = self.runs.get(trial.trial_id)
+            if run_id is None:
+                return
+            if status == "FINISHED" and self.last_step.get(trial.trial_id, 0) < steps:
+                client.set_tag(run_id, "early_stopped", "true")
+            client.set_terminated(run_id, status=status)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._close(trial, "FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._close(trial, "FAILED")
+
+    return MlflowTrialCallback()
+
+
+def best_params_text(params: Params, best: Mapping[str, float], header: str) -> str:
+    """The best values as flat params keys (YAML), with the commands that use them."""
+    tp = params.tune
+    flat = {param_key(tp, k): _round(v) for k, v in best.items()}
+    sets = " ".join(f"-S {k}={v}" for k, v in flat.items())
+    egat_sets = " ".join(f"--set {k}={v}" for k, v in flat.items())
+    lines = [
+        f"# {header}",
+        f"# dvc exp run {sets}",
+        f"# egat train --set train.method={tp.method} {egat_sets}",
+        yaml.safe_dump(flat, sort_keys=False).rstrip(),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _round(value: float) -> float:
+    return float(f"{float(value):.4g}")
+
+
+def run_search(
+    params: Params, samples: int | None = None, out: str | Path | None = None,
+    echo=print,
+) -> SearchResult:
+    """Run the search of ``params.tune`` (``samples`` overrides ``tune.num_samples``)."""
+    from ray import tune
+
+    from egat.tracking.mlflow_tracker import ensure_experiment, flatten, git_commit, tracking_uri
+    from egat.train import distributed
+
+    tp = params.tune
+    space = search_space(tp)  # an empty space fails here, before Ray starts
+    num_samples = samples or tp.num_samples
+    probe = trial_params(params, {k: _midpoint(tp, k) for k in space})  # bad keys fail here
+    steps = probe.train.steps
+    make_search(tp, 1)  # a missing optuna fails here
+    if not os.environ.get("RAY_ADDRESS", "").strip():
+        max_concurrency(params)  # too many workers per trial for this machine: fail before Ray
+    distributed.connect()
+    concurrency = max_concurrency(params)
+    cwd = os.getcwd()
+    name = f"{tp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    import mlflow
+
+    experiment_id = ensure_experiment()
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri())
+    parent = client.create_run(
+        experiment_id, run_name=f"tune/{name}",
+        tags={"egat_key": f"tune/{name}", "stage": "tune", "method": tp.method,
+              "git_commit": git_commit(), "dataset": params.data.name, "model": params.model.name},
+    )
+    parent_id = parent.info.run_id
+    status = "FAILED"
+    try:
+        from mlflow.entities import Param
+
+        logged = {f"tune.{k}": v for k, v in flatten(tp.model_dump(mode="json")).items()}
+        logged.update({"num_samples": num_samples, "max_concurrent_trials": concurrency,
+                       "trial_steps": steps, "workers_per_trial": probe.train.workers})
+        client.log_batch(parent_id, params=[Param(k, str(v)[:6000]) for k, v in logged.items()])
+
+        search_alg, limit = make_search(tp, concurrency)
+        scheduler = make_scheduler(tp, steps, probe.train.eval_every)
+        callback = mlflow_callback(client, experiment_id, parent_id, name, steps)
+        ctx = {"params": params.model_dump(mode="json"), "cwd": cwd, "name": name,
+               "objective": tp.objective}
+        # Ray refuses an empty request: a driver with no CPU asks for 1 MiB of logical memory.
+        driver = {"cpu": tp.trial_driver_cpus} if tp.trial_driver_cpus else {"memory": 2**20}
+        trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), driver)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric="objective", mode="max", num_samples=num_samples,
+                scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=limit,
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=distributed.storage_path(params), callbacks=[callback],
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+        echo(f"tune {name}: {num_samples} trials, {concurrency} at a time, {steps} steps each, "
+             f"search={tp.search}, scheduler={tp.scheduler}, objective={tp.objective}")
+        try:
+            grid = tuner.fit()
+        finally:
+            # Trials stopped by ASHA (at a rung or at max_t) take their Train controllers down
+            # with them: free the placement groups those leave behind.
+            for _ in range(6):
+                time.sleep(0.5)
+                distributed.reap_orphan_placement_groups()
+        result = _summarise(grid, params, name, parent_id, out)
+        _log_parent(client, parent_id, result)
+        echo(_table(result, tp))
+        echo(f"best {tp.objective} = {result.best_metrics.get('objective', float('nan')):.2f} "
+             f"(trial {result.best_metrics.get('trial_id')}); written to {result.best_params_file}")
+        echo(result.best_params_file.read_text() if result.best_params_file else "")
+        status = "FINISHED"
+        return result
+    finally:
+        client.set_terminated(parent_id, status=status)
+
+
+def make_search(tp: TuneParams, concurrency: int):
+    """``(search_alg, max_concurrent_trials)`` for ``tune.search``."""
+    if tp.search == "optuna":
+        try:
+            from optuna.samplers import TPESampler
+        except ImportError:
+            raise EgatError("tune.search=optuna needs the optuna package (pip install optuna)") from None
+        from ray.tune.search.optuna import OptunaSearch
+
+        # Tune wraps a Searcher in a ConcurrencyLimiter of max_concurrent_trials.
+        return OptunaSearch(sampler=TPESampler(seed=tp.seed)), concurrency
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Tune ignores max_concurrent_trials for a BasicVariantGenerator: it takes its own limit.
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=tp.seed), None
+
+
+def make_scheduler(tp: TuneParams, steps: int, eval_every: int):
+    """ASHA over reported ``step`` (rungs at grace_period * reduction_factor^k), or FIFO."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if tp.scheduler == "none":
+        return FIFOScheduler()
+    grace = min(tp.grace_period or max(eval_every, steps // 4), steps)
+    return ASHAScheduler(
+        time_attr="step", max_t=steps, grace_period=grace, reduction_factor=tp.reduction_factor,
+    )
+
+
+def _midpoint(tp: TuneParams, key: str) -> float:
+    r = tp.space[key]
+    if r.values is not None:
+        return float(r.values[0])
+    return math.sqrt(r.low * r.high) if r.log else (r.low + r.high) / 2
+
+
+def _summarise(grid, params: Params, name: str, parent_id: str, out) -> SearchResult:
+    tp = params.tune
+    trials = []
+    for res in grid:
+        m = res.metrics or {}
+        row = {"trial_id": m.get("trial_id", ""), **{k: res.config.get(k) for k in tp.searched()}}
+        row.update({k: m.get(k) for k in ("step", "val_cacc", "val_aacc", "val_comp", "objective")
+                    if k in m})
+        row["error"] = str(res.error).splitlines()[0] if res.error else ""
+        trials.append(row)
+    ok = [t for t in trials if not t["error"] and isinstance(t.get("objective"), (int, float))]
+    if not ok:
+        errors = "; ".join(t["error"] for t in trials if t["error"]) or "no trial reported"
+        raise EgatError(f"tune {name}: no trial finished ({errors})")
+    best = grid.get_best_result(metric="objective", mode="max", scope="last")
+    best_config = {k: float(best.config[k]) for k in tp.searched()}
+    best_metrics = {k: v for k, v in (best.metrics or {}).items()
+                    if k in ("step", "val_cacc", "val_aacc", "val_comp", "objective", "trial_id")}
+    path = Path(out or tp.best_params_file)
+    header = (f"best of {len(trials)} trials of search {name} (MLflow parent run {parent_id}): "
+              f"{tp.objective} = {best_metrics.get('objective', float('nan')):.2f}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(best_params_text(params, best_config, header))
+    trials.sort(key=lambda t: -(t.get("objective") or -math.inf))
+    return SearchResult(name, best_config, best_metrics, trials, path, parent_id)
+
+
+def _log_parent(client, parent_id: str, result: SearchResult) -> None:
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"best_{k}", float(v), now, 0) for k, v in result.best_metrics.items()
+               if isinstance(v, (int, float))]
+    params = [Param(f"best.{k}", repr(v)) for k, v in result.best_config.items()]
+    client.log_batch(parent_id, metrics=metrics, params=params)
+    if result.best_params_file:
+        client.log_artifact(parent_id, str(result.best_params_file))
+
+
+def _table(result: SearchResult, tp: TuneParams) -> str:
+    from tabulate import tabulate
+
+    keys = list(tp.searched())
+    rows = []
+    for t in result.trials:
+        mark = "*" if t.get("trial_id") == result.best_metrics.get("trial_id") else ""
+        rows.append([mark, t.get("trial_id", ""), *[_fmt(t.get(k)) for k in keys],
+                     t.get("step", ""), _fmt(t.get("val_cacc")), _fmt(t.get("val_aacc")),
+                     _fmt(t.get("val_comp")), _fmt(t.get("objective")), t.get("error", "")[:40]])
+    headers = ["", "trial", *keys, "step", "val cAcc", "val aAcc", "val Comp", "objective", "error"]
+    best = tabulate(
+        [[param_key(tp, k), _round(v)] for k, v in result.best_config.items()],
+        headers=["best param", "value"], tablefmt="github",
+    )
+    return tabulate(rows, headers=headers, tablefmt="github") + "\n\n" + best
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

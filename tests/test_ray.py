@@ -1,0 +1,332 @@
+"""Ray Train: the same Trainer on Ray workers (SPEC section 6, issue 5).
+
+Fast tests cover the bad inputs (a clear error within seconds) and the dispatch; the slow ones
+share one private Ray session and one tiny dataset per module and check that
+
+* the local and ray backends give the same outputs and the same metrics (one worker);
+* 2 CPU workers (gloo) train to within tolerance of 1 worker at the same global batch;
+* a run whose worker is SIGKILLed mid-run recovers from its last checkpoint and ends exactly
+  where the uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from egat import stages
+from egat.config import Params, params_from_dict
+from egat.errors import EgatError
+from egat.train import distributed
+from egat.train.launch import choose_backend, fit
+
+ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+       "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_TRAIN_V2_ENABLED": "1"}
+STEPS = 8
+
+
+def tiny_raw(root: Path) -> dict:
+    """EGAT (attack, mixup, Grad-CAM: every source of randomness) on 20 images per class."""
+    return {
+        "data": {"dir": str(root / "data"), "embedded": {"per_class": 20}},
+        "model": {"name": "small_resnet"},
+        "attack": {"steps": 1},
+        "eval": {"batch_size": 32},
+        "train": {
+            "method": "egat", "steps": STEPS, "batch_size": 16, "eval_every": 2,
+            "checkpoint_every": 4, "val_batches": 1, "progress": False, "num_threads": 1,
+            "out_dir": str(root / "runs"),
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in ENV.items():
+            mp.setenv(key, value)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.chdir(root)
+        yield root
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(env) -> Params:
+    params = params_from_dict(tiny_raw(env))
+    stages.prepare(params)
+    stages.guides(params)
+    return params
+
+
+def with_train(params: Params, **train) -> Params:
+    raw = params.model_dump(mode="json")
+    raw["train"].update(train)
+    return params_from_dict(raw)
+
+
+# ------------------------------------------------------------------------- fast: inputs, errors
+def test_auto_backend_is_local_for_one_worker_and_ray_otherwise(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    params = params_from_dict({})
+    assert choose_backend(params) == "local"
+    assert choose_backend(with_train(params, workers=2)) == "ray"
+    assert choose_backend(with_train(params, backend="ray")) == "ray"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert choose_backend(params) == "ray"
+    assert choose_backend(with_train(params, backend="local")) == "local"
+
+
+def test_local_backend_refuses_several_workers(tmp_path):
+    params = with_train(params_from_dict({}), backend="local", workers=2)
+    with pytest.raises(EgatError, match="train.workers=2"):
+        fit(params, tmp_path)
+
+
+def test_more_workers_than_the_machine_has_fail_before_ray_starts(env, tmp_path):
+    import ray
+
+    was_up = ray.is_initialized()
+    started = time.perf_counter()
+    too_many = (os.cpu_count() or 1) + 1
+    with pytest.raises(EgatError, match=f"train.workers={too_many} workers"):
+        fit(with_train(params_from_dict({}), workers=too_many), tmp_path, backend="ray")
+    gpu = {"resources_per_worker": {"GPU": 1}, "use_gpu": "false"}
+    if not torch.cuda.is_available():
+        with pytest.raises(EgatError, match="do not fit"):
+            fit(with_train(params_from_dict({}), **gpu), tmp_path, backend="ray")
+        with pytest.raises(EgatError, match="no GPU"):
+            fit(with_train(params_from_dict({}), use_gpu="true"), tmp_path, backend="ray")
+    assert time.perf_counter() - started < 5
+    assert ray.is_initialized() == was_up  # refused before a private cluster was started
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_ray_address_fails_within_seconds(env, tmp_path):
+    config = tmp_path / "params.yaml"
+    config.write_text(yaml.safe_dump({"train": {"steps": 1, "progress": False}}))
+    address = f"127.0.0.1:{free_port()}"
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "egat.cli", "train", "--config", str(config),
+         "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, **ENV, "RAY_ADDRESS": address},
+    )
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"RAY_ADDRESS={address} is unreachable" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 60, elapsed  # python + imports; the check itself times out after 5 s
+
+
+@pytest.mark.parametrize("address", ["not an address", "host-without-port", "ray://:10001"])
+def test_malformed_ray_address_is_refused(address):
+    with pytest.raises(EgatError, match="RAY_ADDRESS"):
+        distributed.check_address(address)
+
+
+def test_report_metrics_flattens_names_and_sums_the_objective():
+    got = distributed.report_metrics(4, {"val/acc": 50.0, "val/aacc": 20.0, "train/loss": 1.5},
+                                     "val_cacc+val_aacc")
+    assert got == {"step": 4, "val_cacc": 50.0, "val_aacc": 20.0, "train_loss": 1.5,
+                   "objective": 70.0}
+    assert "objective" not in distributed.report_metrics(4, {"val/acc": 50.0}, "val_cacc+val_aacc")
+
+
+def test_worker_resources_follow_rays_defaults():
+    assert distributed.worker_resources(False, {}) == {"CPU": 1.0}
+    assert distributed.worker_resources(True, {}) == {"GPU": 1.0}
+    assert distributed.worker_resources(True, {"CPU": 8}) == {"CPU": 8.0, "GPU": 1.0}
+    assert distributed.worker_resources(False, {"CPU": 2, "GPU": 0}) == {"CPU": 2.0}
+
+
+def test_run_names_are_stable_and_distinct(tmp_path):
+    a = distributed.run_name(tmp_path / "runs" / "egat" / "grass" / "seed0")
+    assert a == distributed.run_name(tmp_path / "runs" / "egat" / "grass" / "seed0")
+    assert a != distributed.run_name(tmp_path / "runs" / "egat" / "grass" / "seed1")
+    assert a.startswith("egat-grass-seed0-")
+
+
+def test_storage_path_is_absolute_or_a_uri(tmp_path):
+    params = with_train(params_from_dict({}), out_dir="runs")
+    assert Path(distributed.storage_path(params)).is_absolute()
+    uri = with_train(params, storage_path="s3://bucket/egat")
+    assert distributed.storage_path(uri) == "s3://bucket/egat"
+
+
+# ---------------------------------------------------------------------------- slow: real runs
+@pytest.fixture(scope="module")
+def ray_session(env):
+    import ray
+
+    distributed.connect(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def tracked_fit(params: Params, run_dir: Path, backend: str, **kw):
+    """fit() inside an MLflow run, as the DVC train stage does; returns (result, run id)."""
+    from egat.tracking.mlflow_tracker import MlflowTracker
+
+    tracker = MlflowTracker(f"test/{run_dir.name}", {"stage": "test"})
+    with tracker:
+        result = fit(params, run_dir, tracker, backend=backend, **kw)
+    return result, tracker.run_id
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny, env):
+    return tracked_fit(tiny, env / "local1", "local")
+
+
+@pytest.fixture(scope="module")
+def ray1_run(tiny, env, ray_session):
+    return tracked_fit(tiny, env / "ray1", "ray")
+
+
+@pytest.fixture(scope="module")
+def ray2_run(tiny, env, ray_session):
+    return tracked_fit(with_train(tiny, workers=2), env / "ray2", "ray")
+
+
+@pytest.fixture(scope="module")
+def ray2_killed_run(tiny, env, ray_session):
+    marker = env / "killed.marker"
+    fault = {"step": 6, "rank": 1, "marker": str(marker)}  # checkpoints at 4 and 8
+    result, run_id = tracked_fit(with_train(tiny, workers=2), env / "ray2k", "ray", fault=fault)
+    return result, run_id, marker
+
+
+def last_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def mlflow_metrics(run_id: str) -> dict[str, float]:
+    import mlflow
+
+    return mlflow.MlflowClient().get_run(run_id).data.metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["local", "ray"])
+def test_both_backends_write_the_same_outputs(which, request):
+    from egat.train.trainer import model_from_checkpoint
+
+    result, run_id = request.getfixturevalue({"local": "local_run", "ray": "ray1_run"}[which])
+    for name in ("best.pt", "last.pt", "train_metrics.json", "train_timing.json"):
+        assert (result.run_dir / name).is_file(), name
+    assert result.best_checkpoint == result.run_dir / "best.pt"
+    assert result.metrics["steps"] == STEPS
+    assert 0 <= result.metrics["best_val_acc"] <= 100
+    assert result.metrics["best_step"] in range(2, STEPS + 1, 2)
+    model, params, ckpt = model_from_checkpoint(result.best_checkpoint)
+    assert ckpt["step"] == result.metrics["best_step"] and params.train.method == "egat"
+    logged = mlflow_metrics(run_id)  # rank 0 logged through the driver's MLflow run
+    for key in ("train/loss", "train/acc", "val/acc", "final/best_val_acc", "final/steps"):
+        assert key in logged, key
+    assert logged["final/best_val_acc"] == result.metrics["best_val_acc"]
+
+
+@pytest.mark.slow
+def test_local_and_ray_backends_give_the_same_metrics(local_run, ray1_run):
+    (local, local_id), (ray1, ray_id) = local_run, ray1_run
+    keys = ("best_val_acc", "best_step", "steps")
+    assert {k: local.metrics[k] for k in keys} == {k: ray1.metrics[k] for k in keys}
+    a, b = last_model(local.run_dir), last_model(ray1.run_dir)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    la, lb = mlflow_metrics(local_id), mlflow_metrics(ray_id)
+    assert abs(la["train/loss"] - lb["train/loss"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_two_workers_train_like_one_at_the_same_global_batch(local_run, ray2_run):
+    """The sampler shards each global batch of 16 over the ranks and the Trainer averages the
+    gradients; BatchNorm's batch statistics (over 8 images, not 16) and the random draws (the
+    attack's start, dropout: per rank) differ, so the runs agree within a tolerance. The exact
+    averaging is checked without BatchNorm by test_sharded_gradients_average_to_the_global_one."""
+    (one, one_id), (two, two_id) = local_run, ray2_run
+    assert two.metrics["steps"] == one.metrics["steps"] == STEPS
+    l1, l2 = mlflow_metrics(one_id)["train/loss"], mlflow_metrics(two_id)["train/loss"]
+    print(f"1 vs 2 workers: best val acc {one.metrics['best_val_acc']} vs "
+          f"{two.metrics['best_val_acc']}, last train loss {l1:.3f} vs {l2:.3f}")
+    assert abs(two.metrics["best_val_acc"] - one.metrics["best_val_acc"]) <= 20.0
+    assert abs(l1 - l2) <= 0.25 * max(l1, l2), (l1, l2)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_recovers_and_ends_like_an_uninterrupted_run(ray2_run, ray2_killed_run):
+    (clean, _), (killed, killed_id, marker) = ray2_run, ray2_killed_run
+    assert marker.is_file(), "the fault was not injected"
+    assert "rank 1 at step 6" in marker.read_text()
+    keys = ("best_val_acc", "best_step", "steps")
+    assert {k: killed.metrics[k] for k in keys} == {k: clean.metrics[k] for k in keys}
+    a, b = last_model(clean.run_dir), last_model(killed.run_dir)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_running_a_finished_run_again_resumes_from_its_checkpoint(ray1_run, tiny, env):
+    """Same name and storage path: Ray restores the latest checkpoint; nothing is retrained."""
+    first, _ = ray1_run
+    again = fit(tiny, env / "ray1", backend="ray")
+    assert {k: again.metrics[k] for k in ("best_val_acc", "best_step", "steps")} == {
+        k: first.metrics[k] for k in ("best_val_acc", "best_step", "steps")
+    }
+    assert again.metrics["train_time_s"] <= first.metrics["train_time_s"] + 1e-6
+
+
+def _shard_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from egat.train.sampler import StepBatchSampler
+    from egat.train.trainer import _all_reduce_mean
+    from tests.helpers import tiny_classifier
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    torch.manual_seed(0)
+    images, labels = torch.rand(12, 3, 8, 8), torch.randint(0, 3, (12,))
+    model = tiny_classifier()
+    batch = next(iter(StepBatchSampler(12, 12, 0, 1, 0, rank, world)))
+    torch.nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
+    grads = [p.grad for p in model.parameters()]
+    _all_reduce_mean(grads, world)
+    if rank == 0:
+        torch.save([g.clone() for g in grads], out)
+    dist.destroy_process_group()
+
+
+def test_sharded_gradients_average_to_the_global_one(tmp_path):
+    """Two gloo ranks, each on its shard of one global batch, average to the global gradient
+    (a model without BatchNorm: the mean loss of equal shards is the global mean)."""
+    import torch.multiprocessing as mp
+
+    from tests.helpers import tiny_classifier
+
+    out = tmp_path / "grads.pt"
+    mp.spawn(_shard_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    images, labels = torch.rand(12, 3, 8, 8), torch.randint(0, 3, (12,))
+    model = tiny_classifier()
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    for averaged, whole in zip(torch.load(out), [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(averaged, whole, rtol=1e-5, atol=1e-6)
