@@ -114,6 +114,13 @@ def max_concurrency(params: Params) -> int:
     per_worker = distributed.worker_resources(use_gpu, probe.train.resources_per_worker)
     distributed.check_resources(probe.train.workers, per_worker, what="tune workers per trial")
     fits = distributed.cluster_capacity(per_worker) // probe.train.workers
+    driver_cpus = params.tune.trial_driver_cpus
+    if driver_cpus:  # each trial's driver takes CPUs of its own
+        import ray
+
+        total = (ray.cluster_resources() if ray.is_initialized() else {}).get("CPU", os.cpu_count())
+        per_trial = per_worker.get("CPU", 0.0) * probe.train.workers + driver_cpus
+        fits = min(fits, int(total // per_trial))
     want = params.tune.max_concurrent_trials
     return max(1, min(fits, want) if want else fits)
 

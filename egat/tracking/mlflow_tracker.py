@@ -56,6 +56,18 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     )
 
 
+def retry_locked(write, attempts: int = 5) -> None:
+    """Run an MLflow write, retrying sqlite's "database is locked" under concurrent writers."""
+    for attempt in range(attempts):
+        try:
+            write()
+            return
+        except Exception as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -142,14 +154,7 @@ class MlflowTracker(Tracker):
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         import mlflow
 
-        for attempt in range(5):  # sqlite under concurrent writers: "database is locked"
-            try:
-                mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-                return
-            except Exception as exc:
-                if "locked" not in str(exc) or attempt == 4:
-                    raise
-                time.sleep(0.2 * 2**attempt)
+        retry_locked(lambda: mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         import mlflow

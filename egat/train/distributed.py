@@ -10,7 +10,8 @@ checks that the cluster can hold the run, and fits a ``TorchTrainer`` whose work
   on GPU). Not DDP/``prepare_model``: EGAT calls ``model.features``/``model.head`` and its attacks
   take input gradients outside DDP's forward, which DDP's reducer does not support;
 * every ``train.checkpoint_every`` steps rank 0 reports ``last.pt`` (model, optimiser, RNG
-  states, step) and ``best.pt`` as a Ray checkpoint; every rank reports the same metrics;
+  states, step) and ``best.pt`` as a Ray checkpoint; every rank calls ``ray.train.report`` at
+  the same steps (validation and checkpoint steps), and Ray keeps rank 0's metrics;
 * a dead worker restarts the worker group from the latest checkpoint (``train.max_failures``),
   and running the same run again (same name and storage path) resumes from it;
 * rank 0 alone logs to MLflow and writes files; at the end the driver copies ``best.pt``,
@@ -37,6 +38,7 @@ from typing import Any, Mapping, Sequence
 from egat.config import Params, params_from_dict
 from egat.errors import EgatError
 from egat.tracking import NullTracker, Tracker
+from egat.tracking.mlflow_tracker import retry_locked
 from egat.train.trainer import BEST, LAST, METRICS, TIMING, TrainResult
 
 log = logging.getLogger(__name__)
@@ -252,14 +254,7 @@ class RunTracker(Tracker):
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
-        for attempt in range(5):  # sqlite under concurrent writers: "database is locked"
-            try:
-                self.client.log_batch(self.run_id, metrics=batch)
-                return
-            except Exception as exc:
-                if "locked" not in str(exc) or attempt == 4:
-                    raise
-                time.sleep(0.2 * 2**attempt)
+        retry_locked(lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -360,7 +355,7 @@ def train_worker(config: dict) -> None:
         # The final report: the last validation's metrics (and objective), the run's summary and
         # every output file (a resumed, already finished run reports only the summary).
         final = {**last, **{k: float(v) for k, v in result.metrics.items()}}
-        final.update(step=int(result.metrics["steps"]), final=1)  # not "done": Tune would stop the trial
+        final.update(step=int(result.metrics["steps"]), final=1)  # "done" would end a Tune trial
         _report(final, work if rank == 0 else None, RUN_FILES)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -25,7 +25,7 @@ from egat.config import Params
 from egat.data import DomainDataset, read_splits
 from egat.errors import EgatError
 from egat.methods import build_method
-from egat.metrics.accuracy import evaluate_accuracy, iterate_batches
+from egat.metrics.accuracy import evaluate_accuracy
 from egat.models import Classifier, build_model
 from egat.tracking import NullTracker, Tracker
 from egat.train.sampler import StepBatchSampler
@@ -109,7 +109,7 @@ def validation_metrics(model: Classifier, params: Params, loader, device: torch.
     max_examples = t.val_batches * params.eval.batch_size
     if not t.val_metrics:
         return {"val/acc": evaluate_accuracy(model, loader, device, max_examples=max_examples)["clean"]}
-    from egat.attacks import build_attack, model_mode
+    from egat.attacks import build_attack
 
     devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -119,25 +119,13 @@ def validation_metrics(model: Classifier, params: Params, loader, device: torch.
     out = {"val/acc": acc["clean"], **{f"val/{k}": v for k, v in acc.items() if k != "clean"}}
     if "comp" in t.val_metrics:
         from egat.explain import build_explainer
-        from egat.metrics.faithfulness import erasure_scores
+        from egat.metrics.faithfulness import faithfulness
 
-        explainer = build_explainer(params.explainer.name, model)
         faith = params.eval.faithfulness
-        comp, n = 0.0, 0
-        with model_mode(model, "eval"):
-            for batch in iterate_batches(loader, device, max_examples):
-                x = batch["image"]
-                with torch.no_grad():
-                    probs = model(x).softmax(1)
-                pred = probs.argmax(1)
-                maps = explainer.attribute(x, pred)
-                c, _ = erasure_scores(
-                    model, x, maps, pred, faith.ks, faith.baseline,
-                    clean_prob=probs.gather(1, pred[:, None])[:, 0],
-                )
-                comp += float(c.mean(0).sum())
-                n += len(x)
-        out["val/comp"] = 100.0 * comp / max(n, 1)
+        explainer = build_explainer(params.explainer.name, model)
+        out["val/comp"] = faithfulness(
+            model, explainer, loader, device, faith.ks, faith.baseline, max_examples
+        )["comp"]
     return out
 
 
