@@ -44,6 +44,7 @@ class Method:
         self.model = model
         self.config = config
         self.params = params
+        self.step = 0  # training steps taken; the Trainer restores it when a run resumes
 
     def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
         raise NotImplementedError

@@ -186,6 +186,7 @@ class Trainer:
                 if ckpt.get("cuda_rng") and len(ckpt["cuda_rng"]) == torch.cuda.device_count():
                     torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
                 state.update(ckpt["state"])
+                method.step = state["step"]  # step-scheduled losses (IRM's annealing) continue
                 log.warning("resuming %s from step %d", self.run_dir, state["step"])
             else:
                 log.warning("%s holds a run with other params: starting afresh", last)
