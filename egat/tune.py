@@ -167,8 +167,8 @@ def mlflow_callback(client, experiment_id: str, parent_id: str, search: str, ste
                 return
             run = client.create_run(
                 experiment_id, run_name=f"{search}/{trial.trial_id}",
-                tags={"mlflow.parentRunId": parent_id, "egat_key": f"tune/{search}/{trial.trial_id}",
-                      "stage": "tune-trial", "trial_id": trial.trial_id},
+                tags={"mlflow.parentRunId": parent_id, "stage": "tune-trial",
+                      "egat_key": f"tune/{search}/{trial.trial_id}", "trial_id": trial.trial_id},
             )
             self.runs[trial.trial_id] = run.info.run_id
             from mlflow.entities import Param
@@ -319,7 +319,9 @@ def make_search(tp: TuneParams, concurrency: int):
         try:
             from optuna.samplers import TPESampler
         except ImportError:
-            raise EgatError("tune.search=optuna needs the optuna package (pip install optuna)") from None
+            raise EgatError(
+                "tune.search=optuna needs the optuna package (pip install optuna)"
+            ) from None
         from ray.tune.search.optuna import OptunaSearch
 
         # Tune wraps a Searcher in a ConcurrencyLimiter of max_concurrent_trials.

@@ -330,3 +330,19 @@ def test_sharded_gradients_average_to_the_global_one(tmp_path):
     torch.nn.functional.cross_entropy(model(images), labels).backward()
     for averaged, whole in zip(torch.load(out), [p.grad for p in model.parameters()]):
         torch.testing.assert_close(averaged, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_validation_reports_aacc_and_comp_without_touching_the_training_rng(tiny, env):
+    """Tune's objectives need val aAcc / Comp; computing them must not change the run."""
+    from egat.train.trainer import Trainer
+
+    plain = with_train(tiny, steps=4, checkpoint_every=4)
+    rich = with_train(plain, val_metrics=["aacc", "comp"])
+    seen: list[dict] = []
+    Trainer(plain, env / "val-plain").fit()
+    Trainer(rich, env / "val-rich", on_report=lambda s, m, c: seen.append(m)).fit()
+    assert {"val/acc", "val/aacc", "val/comp"} <= set(seen[-1])
+    assert all(0 <= seen[-1][k] <= 100 for k in ("val/acc", "val/aacc"))
+    a, b = last_model(env / "val-plain"), last_model(env / "val-rich")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

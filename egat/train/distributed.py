@@ -88,7 +88,8 @@ def local_capacity(per_worker: Mapping[str, float]) -> int:
 
 
 def connect(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS, else start a private local one (no-op if connected)."""
+    """Join the cluster named by RAY_ADDRESS, else start a private local one (no-op when
+    connected already)."""
     import ray
 
     if ray.is_initialized():
@@ -100,23 +101,16 @@ def connect(num_cpus: int | None = None) -> None:
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except (ConnectionError, TimeoutError, RuntimeError) as exc:
-            raise EgatError(f"could not join the Ray cluster at RAY_ADDRESS={address}: {exc}") from None
+            raise EgatError(
+                f"could not join the Ray cluster at RAY_ADDRESS={address}: {exc}"
+            ) from None
     else:
         ray.init(
             address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
             logging_level=logging.WARNING,
-            runtime_env={"worker_process_setup_hook": "egat.train.distributed.quiet_state_api"},
+            runtime_env={"worker_process_setup_hook": "egat.ray_setup.quiet_state_api"},
         )
     log.info("ray ready in %.1f s: %s", time.perf_counter() - started, ray.cluster_resources())
-
-
-def quiet_state_api() -> None:
-    """Worker setup hook of the private local cluster. It runs without the dashboard (SPEC 7),
-    so Ray Train's placement-group cleaner cannot reach the State API and would log a warning
-    every second of every run; it still cleans up when the controller's actor ends."""
-    logging.getLogger(
-        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-    ).setLevel(logging.ERROR)
 
 
 def reap_orphan_placement_groups() -> int:
@@ -154,7 +148,7 @@ def reap_orphan_placement_groups() -> int:
 
 
 def resolve_use_gpu(params: Params) -> bool:
-    """``train.use_gpu``: auto = GPUs when the cluster (or, before it starts, this machine) has any."""
+    """``train.use_gpu``: auto = GPUs when the cluster (before it starts: this machine) has any."""
     import ray
 
     if ray.is_initialized():
@@ -195,7 +189,9 @@ def cluster_capacity(per_worker: Mapping[str, float]) -> int:
     return fits
 
 
-def check_resources(workers: int, per_worker: Mapping[str, float], what: str = "train.workers") -> None:
+def check_resources(
+    workers: int, per_worker: Mapping[str, float], what: str = "train.workers"
+) -> None:
     """A clear error, before anything starts, when the cluster cannot hold ``workers`` workers
     (before Ray starts, for the private local cluster it would start)."""
     import ray
@@ -331,6 +327,11 @@ def train_worker(config: dict) -> None:
         os.chdir(config["cwd"])  # relative data paths resolve as on the driver
     params = params_from_dict(config["params"], source="ray worker params")
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if not params.train.num_threads and omp.isdigit() and int(omp) > 0:
+        # Ray sets OMP_NUM_THREADS to the worker's CPUs; torch may have read the core count
+        # before that (oversubscribed workers on shared cores run several times slower).
+        torch.set_num_threads(int(omp))
     work = Path(tempfile.mkdtemp(prefix=f"egat-rank{rank}-"))
     try:
         checkpoint = ray.train.get_checkpoint()
@@ -380,6 +381,7 @@ def fit_ray(
         cwd: the folder relative paths of ``params`` resolve from (default: this process's).
         fault: testing aid, see :func:`_inject_fault`.
     """
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -388,13 +390,21 @@ def fit_ray(
     t = params.train
     if not os.environ.get("RAY_ADDRESS", "").strip():
         # The private local cluster: refuse what it cannot hold before spending seconds on it.
-        check_resources(t.workers, worker_resources(resolve_use_gpu(params), t.resources_per_worker))
+        local = worker_resources(resolve_use_gpu(params), t.resources_per_worker)
+        check_resources(t.workers, local)
     connect()
     reap_orphan_placement_groups()  # left by runs killed earlier in this Ray session
     use_gpu = resolve_use_gpu(params)
     per_worker = worker_resources(use_gpu, t.resources_per_worker)
     check_resources(t.workers, per_worker)
     name = name or run_name(run_dir)
+    storage = storage_path(params)
+    if "://" not in storage and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+        log.warning(
+            "train.storage_path=%s is a local folder but the Ray cluster has several nodes: "
+            "workers on other nodes cannot read or write its checkpoints; use a shared disk "
+            "mounted at the same path on every node, or s3://...", storage,
+        )
     raw = params.model_dump(mode="json")
     raw["train"]["progress"] = False  # workers report through Ray, not a progress bar
     config = {
@@ -409,7 +419,7 @@ def fit_ray(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage_path(params),
+            storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=list(callbacks) or None,

@@ -108,13 +108,16 @@ def validation_metrics(model: Classifier, params: Params, loader, device: torch.
     t = params.train
     max_examples = t.val_batches * params.eval.batch_size
     if not t.val_metrics:
-        return {"val/acc": evaluate_accuracy(model, loader, device, max_examples=max_examples)["clean"]}
+        acc = evaluate_accuracy(model, loader, device, max_examples=max_examples)
+        return {"val/acc": acc["clean"]}
     from egat.attacks import build_attack
 
     devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(t.seed)
-        attacks = {"aacc": build_attack(model, params.eval.attack)} if "aacc" in t.val_metrics else {}
+        attacks = {}
+        if "aacc" in t.val_metrics:
+            attacks["aacc"] = build_attack(model, params.eval.attack)
         acc = evaluate_accuracy(model, loader, device, attacks, max_examples)
     out = {"val/acc": acc["clean"], **{f"val/{k}": v for k, v in acc.items() if k != "clean"}}
     if "comp" in t.val_metrics:
@@ -259,7 +262,8 @@ class Trainer:
                     io.torch_save(
                         {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "rng": torch.get_rng_state(), "state": dict(state),
-                         "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+                         "cuda_rng": torch.cuda.get_rng_state_all()
+                         if self.device.type == "cuda" else None,
                          "fingerprint": fingerprint},
                         last,
                     )
