@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
 import torch
 from torch import nn
 
+from egat.config import params_from_dict
 from egat.models import Classifier
+
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_TRAIN_V2_ENABLED": "1"}
 
 
 def tiny_classifier(num_classes: int = 3, channels: int = 4, seed: int = 0, dropout=0.0):
@@ -16,3 +25,40 @@ def tiny_classifier(num_classes: int = 3, channels: int = 4, seed: int = 0, drop
         nn.ReLU(),
     )
     return Classifier(backbone, channels, num_classes, dropout=dropout)
+
+
+def make_batch(n=6, size=8, seed=0, domains=None):
+    """A seeded batch dict as the Trainer feeds methods (3 classes, guide = channel mean)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, size, size, generator=g)
+    domain = torch.zeros(n, dtype=torch.long) if domains is None else torch.tensor(domains)
+    return {
+        "image": x,
+        "label": torch.arange(n) % 3,
+        "domain": domain,
+        "index": torch.arange(n),
+        "guide": x.mean(1, keepdim=True),
+    }
+
+
+def params_for(method, **cfg):
+    """Params training ``method`` with hyperparameters ``cfg`` and a cheap 3-step PGD."""
+    return params_from_dict(
+        {"train": {"method": method}, "methods": {method: cfg},
+         "attack": {"eps": 0.03, "alpha": 0.01, "steps": 3}}
+    )
+
+
+@contextmanager
+def ray_test_env(root: Path) -> Iterator[Path]:
+    """Ray/MLflow variables, no RAY_ADDRESS, an sqlite store and cwd in ``root``; torch's thread
+    count is restored afterwards (Ray's setup changes it)."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in RAY_ENV.items():
+            mp.setenv(key, value)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.chdir(root)
+        yield root
+    torch.set_num_threads(threads)

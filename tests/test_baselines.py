@@ -14,27 +14,7 @@ from egat.methods import build_method
 from egat.methods.ign import integrated_gradients, ig_norm
 from egat.methods.irm import irm_penalty
 from egat.models import Classifier
-from tests.helpers import tiny_classifier
-
-
-def make_batch(n=6, size=8, seed=0, domains=None):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, size, size, generator=g)
-    domain = torch.zeros(n, dtype=torch.long) if domains is None else torch.tensor(domains)
-    return {
-        "image": x,
-        "label": torch.arange(n) % 3,
-        "domain": domain,
-        "index": torch.arange(n),
-        "guide": x.mean(1, keepdim=True),
-    }
-
-
-def params_for(method, **cfg):
-    return params_from_dict(
-        {"train": {"method": method}, "methods": {method: cfg},
-         "attack": {"eps": 0.03, "alpha": 0.01, "steps": 3}}
-    )
+from tests.helpers import make_batch, params_for, tiny_classifier
 
 
 def ce_per_sample(model):

@@ -4,29 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from egat.config import params_from_dict
 from egat.explain.gradcam import GradCAM
 from egat.methods import build_method, method_registry
-from tests.helpers import tiny_classifier
-
-
-def make_batch(n=6, size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, size, size, generator=g)
-    return {
-        "image": x,
-        "label": torch.arange(n) % 3,
-        "domain": torch.zeros(n, dtype=torch.long),
-        "index": torch.arange(n),
-        "guide": x.mean(1, keepdim=True),
-    }
-
-
-def params_for(method, **cfg):
-    return params_from_dict(
-        {"train": {"method": method}, "methods": {method: cfg},
-         "attack": {"eps": 0.03, "alpha": 0.01, "steps": 3}}
-    )
+from tests.helpers import make_batch, params_for, tiny_classifier
 
 
 def test_egat_terms_match_spec_formulas():

@@ -27,9 +27,8 @@ from egat.config import Params, params_from_dict
 from egat.errors import EgatError
 from egat.train import distributed
 from egat.train.launch import choose_backend, fit
+from tests.helpers import RAY_ENV, ray_test_env
 
-ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-       "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_TRAIN_V2_ENABLED": "1"}
 STEPS = 8
 
 
@@ -50,16 +49,8 @@ def tiny_raw(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in ENV.items():
-            mp.setenv(key, value)
-        mp.delenv("RAY_ADDRESS", raising=False)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.chdir(root)
+    with ray_test_env(tmp_path_factory.mktemp("ray")) as root:
         yield root
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +118,7 @@ def test_unreachable_ray_address_fails_within_seconds(env, tmp_path):
         [sys.executable, "-m", "egat.cli", "train", "--config", str(config),
          "--run-dir", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=120,
-        env={**os.environ, **ENV, "RAY_ADDRESS": address},
+        env={**os.environ, **RAY_ENV, "RAY_ADDRESS": address},
     )
     elapsed = time.perf_counter() - started
     assert proc.returncode == 2, proc.stderr[-2000:]

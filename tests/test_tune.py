@@ -24,9 +24,8 @@ from egat.tune import (
     search_space,
     trial_params,
 )
+from tests.helpers import ray_test_env
 
-ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-       "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_TRAIN_V2_ENABLED": "1"}
 EMPTY_SPACE = {k: None for k in ("lambda_adv", "lambda_egl", "lambda_mix", "lambda_sparse", "eps")}
 
 
@@ -153,16 +152,8 @@ def test_search_algorithms_and_schedulers():
 # ---------------------------------------------------------------------------------------- slow
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tune")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in ENV.items():
-            mp.setenv(key, value)
-        mp.delenv("RAY_ADDRESS", raising=False)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.chdir(root)
+    with ray_test_env(tmp_path_factory.mktemp("tune")) as root:
         yield root
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
