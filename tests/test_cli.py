@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from egat.cli import main
 
@@ -60,3 +61,13 @@ def test_missing_data_says_what_to_run(tmp_path, capsys, monkeypatch):
     assert code == 2
     assert "splits.json not found: run `dvc repro prepare`" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_evaluating_a_training_state_names_best_pt(tmp_path, capsys, monkeypatch):
+    torch.save({"model": {}, "optimizer": {}, "state": {}}, tmp_path / "last.pt")
+    code, err = egat_in_process(capsys, monkeypatch, tmp_path, "evaluate", "--checkpoint", "last.pt")
+    assert code == 2
+    assert err.strip() == (
+        "error: 'last.pt' is not a model checkpoint (params, classes, model); pass a run's best.pt "
+        "(last.pt holds the training state for resuming)"
+    )

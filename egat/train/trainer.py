@@ -139,6 +139,11 @@ def model_from_checkpoint(path: str | Path) -> tuple[Classifier, Params, dict]:
     if not path.is_file():
         raise EgatError(f"checkpoint {str(path)!r} not found")
     ckpt = io.torch_load(path)
+    if not isinstance(ckpt, dict) or not {"params", "classes", "model"} <= ckpt.keys():
+        raise EgatError(
+            f"{str(path)!r} is not a model checkpoint (params, classes, model); pass a run's "
+            f"{BEST} ({LAST} holds the training state for resuming)"
+        )
     params = params_from_dict(ckpt["params"], source=str(path))
     model = build_model(
         params.model.name, len(ckpt["classes"]), pretrained="none", dropout=params.model.dropout,
