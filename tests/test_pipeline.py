@@ -132,7 +132,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_training_logs_to_a_real_mlflow_server(tmp_path, monkeypatch):
+def test_training_logs_to_a_real_mlflow_server(tmp_path, monkeypatch, capfd):
     port = free_port()
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -152,7 +152,9 @@ def test_training_logs_to_a_real_mlflow_server(tmp_path, monkeypatch):
         else:
             pytest.fail("mlflow server did not start within 60 s")
         monkeypatch.chdir(tmp_path)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        # Credentials in the URI (the server ignores them) must not reach logs, params or files.
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.replace("//", "//egat:s3cr3t@"))
+        monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
         params = params_from_dict({**TINY, "study": {}})
         stages.prepare(params)
         stages.guides(params)
@@ -165,6 +167,10 @@ def test_training_logs_to_a_real_mlflow_server(tmp_path, monkeypatch):
         assert run_["info"]["status"] == "FINISHED"
         names = {m["key"] for m in run_["data"]["metrics"]}
         assert {"train/loss", "val/acc", "final/best_val_acc"} <= names
+        captured = capfd.readouterr()
+        assert "s3cr3t" not in captured.out + captured.err + json.dumps(run_)
+        written = [f for f in tmp_path.rglob("*") if f.is_file() and f.suffix != ".db"]
+        assert written and not [f for f in written if b"s3cr3t" in f.read_bytes()]
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
 
+from egat.data.download import redact
 from egat.errors import EgatError
 from egat.tracking.base import Tracker
 
@@ -23,16 +24,6 @@ EXPERIMENT = "egat"
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def redact(uri: str) -> str:
-    """The URI without credentials, safe for messages and logs."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    return uri
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -94,6 +85,9 @@ def ensure_experiment(name: str = EXPERIMENT) -> str:
     import mlflow
 
     uri = tracking_uri()
+    if redact(uri) != uri:
+        # MLflow prints "View run ... at: <tracking URI>/#/..." when a run ends, credentials included.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
