@@ -60,22 +60,28 @@ def write_params(path: Path, overrides: dict) -> None:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A git + DVC copy of the project with tiny params, after one full `dvc repro`."""
-    proj = tmp_path_factory.mktemp("project")
+def init_project(proj: Path, overrides: dict) -> dict:
+    """Make ``proj`` a git + DVC copy of the project with ``overrides`` over params.yaml; returns
+    the environment to run DVC in it."""
     for item in ("dvc.yaml", "pipelines", "egat", ".dvc", ".dvcignore", ".gitignore"):
         src = ROOT / item
         if src.is_dir():
             shutil.copytree(src, proj / item, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
         else:
             shutil.copy(src, proj / item)
-    write_params(proj / "params.yaml", TINY)
+    write_params(proj / "params.yaml", overrides)
     env = env_for(proj)
     run(["git", "init", "-q"], proj, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], proj, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], proj, env)
-    run(["dvc", "repro"], proj, env, timeout=900)
+    return env
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A git + DVC copy of the project with tiny params, after one full `dvc repro`."""
+    proj = tmp_path_factory.mktemp("project")
+    run(["dvc", "repro"], proj, init_project(proj, TINY), timeout=900)
     return proj
 
 
