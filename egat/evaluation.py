@@ -7,6 +7,7 @@ sweep (FGSM, MI-FGSM, PGD over eps) runs on the training domains' test split.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -38,6 +39,22 @@ def _loader(params: Params, splits: dict, domains: list[str]) -> DataLoader:
     return DataLoader(ds, batch_size=params.eval.batch_size, num_workers=params.data.num_workers)
 
 
+def _seeded(fn):
+    """Run ``fn(model, params, loader, device)`` on a forked RNG seeded by ``train.seed``: the
+    attacks' random starts are the same in every run and every domain order, and the caller's
+    RNG stream is left as it was."""
+
+    @functools.wraps(fn)
+    def wrapper(model: Classifier, params: Params, loader, device):
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(params.train.seed)
+            return fn(model, params, loader, device)
+
+    return wrapper
+
+
+@_seeded
 def evaluate_domain(model: Classifier, params: Params, loader, device) -> dict[str, float]:
     """All per-domain metrics in one pass over ``loader``.
 
@@ -92,6 +109,7 @@ def evaluate_domain(model: Classifier, params: Params, loader, device) -> dict[s
     return out
 
 
+@_seeded
 def attack_sweep(model: Classifier, params: Params, loader, device) -> dict[str, dict[str, float]]:
     """Accuracy (%) under each sweep attack and eps: {attack: {eps: acc}}."""
     sweep = params.eval.sweep
