@@ -71,11 +71,14 @@ def test_a_killed_train_stage_resumes_from_its_checkpoint_and_ends_like_an_unint
         (proj / "data" / "raw").mkdir(parents=True)
         shutil.copy(LOCAL_WHEEL, proj / "data" / "raw")
     run(["dvc", "repro", "guides"], proj, env)
-    # The uninterrupted run: the same cell trained in one go by the CLI (no DVC or MLflow overhead).
+    # The uninterrupted run, alongside: the same cell trained in one go by the CLI (no DVC, MLflow).
     reference = tmp_path / "uninterrupted"
     shutil.copytree(proj, reference, symlinks=True)
-    run([sys.executable, "-m", "egat.cli", "train", "--set", "train.method=egat",
-         "--set", "train.domains=[grass]", "--set", "train.seed=0", "--run-dir", str(RUN)], reference, env)
+    uninterrupted_run = subprocess.Popen(
+        [sys.executable, "-m", "egat.cli", "train", "--set", "train.method=egat",
+         "--set", "train.domains=[grass]", "--set", "train.seed=0", "--run-dir", str(RUN)],
+        cwd=reference, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
 
     killed_at = kill_after_first_checkpoint(proj, env)
     assert 5 <= killed_at < STEPS
@@ -90,6 +93,7 @@ def test_a_killed_train_stage_resumes_from_its_checkpoint_and_ends_like_an_unint
     assert mlflow_statuses(proj) == ["KILLED", "FINISHED"]
     assert STAGE in (proj / "dvc.lock").read_text()
 
+    assert uninterrupted_run.wait(timeout=300) == 0, uninterrupted_run.stderr.read()[-3000:]
     metrics = json.loads((proj / RUN / "train_metrics.json").read_text())
     expected = json.loads((reference / RUN / "train_metrics.json").read_text())
     assert metrics["steps"] == STEPS and metrics == pytest.approx(expected, abs=1e-6)
