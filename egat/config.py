@@ -385,7 +385,17 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ParamsError(f"--set {item!r}: expected key=value, e.g. train.steps=100")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        return key.strip().split("."), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"--set {item!r}: the value is not valid YAML: {yaml_problem(exc)}") from None
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: the problem and where (PyYAML's message spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(str(getattr(exc, "problem", None) or exc).split()) + where
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -413,7 +423,7 @@ def format_validation_error(exc: ValidationError, source: str, prefix: str = "in
     their key prefix as ``source`` and an empty ``prefix``."""
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = ".".join(str(p) if str(p).isprintable() else repr(p) for p in err["loc"])
         if not prefix:
             loc = f"{source}.{loc}" if loc else source
         msg = err["msg"].removeprefix("Value error, ")
@@ -435,7 +445,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ParamsError(f"{p}: not valid YAML: {exc}") from None
+            raise ParamsError(f"{p}: not valid YAML: {yaml_problem(exc)}") from None
         if not isinstance(raw, dict):
             raise ParamsError(f"{p}: expected a mapping of stage groups at the top level")
     raw = apply_overrides(raw, overrides or [])

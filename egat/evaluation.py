@@ -7,6 +7,7 @@ sweep (FGSM, MI-FGSM, PGD over eps) runs on the training domains' test split.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from egat.metrics import (
     top_intersection,
 )
 from egat.models import Classifier
+from egat.resources import suggest_batch_size_on_oom
 
 
 def _loader(params: Params, splits: dict, domains: list[str]) -> DataLoader:
@@ -37,14 +39,32 @@ def _loader(params: Params, splits: dict, domains: list[str]) -> DataLoader:
     return DataLoader(ds, batch_size=params.eval.batch_size, num_workers=params.data.num_workers)
 
 
+def _seeded(fn):
+    """Run ``fn(model, params, loader, device)`` on a forked RNG seeded by ``train.seed``: the
+    attacks' random starts are the same in every run and every domain order, and the caller's
+    RNG stream is left as it was."""
+
+    @functools.wraps(fn)
+    def wrapper(model: Classifier, params: Params, loader, device):
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(params.train.seed)
+            return fn(model, params, loader, device)
+
+    return wrapper
+
+
+@_seeded
 def evaluate_domain(model: Classifier, params: Params, loader, device) -> dict[str, float]:
-    """All per-domain metrics in one pass over ``loader``."""
+    """All per-domain metrics in one pass over ``loader``.
+
+    Streams: only running sums outlive a batch, so memory is flat in the test-set size.
+    """
     ev = params.eval
     attack = build_attack(model, ev.attack)
     explainer = build_explainer(params.explainer.name, model)
-    n = clean = adv = 0
-    comp = suff = 0.0
-    rhos, tops, hits, masses = [], [], [], []
+    n = clean = adv = rho_n = masked = 0
+    comp = suff = rho_sum = top_sum = hit_sum = mass_sum = 0.0
     with model_mode(model, "eval"):
         for batch in iterate_batches(loader, device, ev.max_examples):
             x, y = batch["image"], batch["label"]
@@ -63,29 +83,33 @@ def evaluate_domain(model: Classifier, params: Params, loader, device) -> dict[s
             comp += float(c.mean(0).sum())
             suff += float(s.mean(0).sum())
             adv_maps = explainer.attribute(x_adv, pred)
-            rhos.append(spearman_rows(maps.flatten(1), adv_maps.flatten(1)))
-            tops.append(top_intersection(maps.flatten(1), adv_maps.flatten(1), ev.stability_top).cpu())
+            flat, adv_flat = maps.flatten(1), adv_maps.flatten(1)
+            rho = spearman_rows(flat, adv_flat)
+            rho_sum += float(rho.double().nansum())
+            rho_n += int((~rho.isnan()).sum())
+            top_sum += float(top_intersection(flat, adv_flat, ev.stability_top).double().sum())
             if "mask" in batch:
                 h, m = alignment_scores(explainer.attribute(x, y), batch["mask"])
-                hits.append(h.cpu())
-                masses.append(m.cpu())
+                hit_sum += float(h.double().sum())
+                mass_sum += float(m.double().sum())
+                masked += len(y)
             n += len(y)
-    rho = torch.cat(rhos)
     out = {
         "cacc": 100.0 * clean / n,
         "aacc": 100.0 * adv / n,
         "comp": 100.0 * comp / n,
         "suff": 100.0 * suff / n,
-        "spearman": float(rho[~rho.isnan()].mean()) if (~rho.isnan()).any() else float("nan"),
-        "top_intersection": float(torch.cat(tops).mean()),
+        "spearman": rho_sum / rho_n if rho_n else float("nan"),
+        "top_intersection": top_sum / n,
         "n": n,
     }
-    if hits:
-        out["pointing_game"] = float(torch.cat(hits).double().mean())
-        out["mass_in_mask"] = float(torch.cat(masses).mean())
+    if masked:
+        out["pointing_game"] = hit_sum / masked
+        out["mass_in_mask"] = mass_sum / masked
     return out
 
 
+@_seeded
 def attack_sweep(model: Classifier, params: Params, loader, device) -> dict[str, dict[str, float]]:
     """Accuracy (%) under each sweep attack and eps: {attack: {eps: acc}}."""
     sweep = params.eval.sweep
@@ -106,6 +130,7 @@ def attack_sweep(model: Classifier, params: Params, loader, device) -> dict[str,
     return result
 
 
+@suggest_batch_size_on_oom("eval.batch_size", "evaluation")
 def evaluate_model(
     model: Classifier, params: Params, train_domains: list[str], device=None
 ) -> dict:

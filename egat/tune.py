@@ -8,7 +8,9 @@ its rungs (in steps) and Optuna's TPE may propose the lambdas.
 
 MLflow: one parent run per search and one child run per trial (tag ``mlflow.parentRunId``), with
 the trial's lambdas as params and its reported metrics; the driver writes them all
-(:func:`mlflow_callback`), so trials that ASHA stops are closed too.
+(:func:`mlflow_callback`), so trials that ASHA stops are closed too. The sqlite store takes a few
+concurrent writers (writes retry "database is locked"); beyond about 4 concurrent trials, or with
+trials on several machines, set MLFLOW_TRACKING_URI to an ``mlflow server`` (README, Reliability).
 
 The best lambdas are printed as a table and written to ``tune.best_params_file`` as flat
 ``methods.egat.lambda_adv: ...`` keys, with the ``dvc exp run -S ...`` command to run them.

@@ -62,3 +62,26 @@ def ray_test_env(root: Path) -> Iterator[Path]:
         mp.chdir(root)
         yield root
     torch.set_num_threads(threads)
+
+
+def tiny_folder_data(root: Path, size: int = 16, per_class: int = 10) -> dict:
+    """A prepared folder dataset (2 domains x 3 classes of seeded noise PNGs, splits and guides)
+    under ``root``, built by the real prepare and guides stages; returns the params that use it."""
+    import cv2
+    import numpy as np
+
+    from egat import stages
+
+    rng = np.random.default_rng(0)
+    for domain in ("d1", "d2"):
+        for cls in ("a", "b", "c"):
+            folder = root / "tree" / domain / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 256, (size, size, 3), np.uint8))
+    overrides = {"data": {"name": "folder", "folder_root": str(root / "tree"),
+                          "dir": str(root / "data"), "image_size": size}}
+    params = params_from_dict(overrides)
+    stages.prepare(params)
+    stages.guides(params)
+    return overrides

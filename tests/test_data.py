@@ -199,7 +199,7 @@ def test_scan_folder_embedded_layout_has_masks(embedded):
 def test_scan_folder_differing_classes(tmp_path):
     root = _folder_tree(tmp_path / "tree")
     _write_png(root / "d2" / "extra" / "0.png")
-    with pytest.raises(DataError, match=r"d1 lacks extra"):
+    with pytest.raises(DataError, match=r"d1 lacks extra \(found: d2/extra\)"):
         scan_folder(root)
 
 
@@ -221,6 +221,28 @@ def test_scan_folder_corrupt_files(tmp_path):
         index = scan_folder(root, on_corrupt="skip")
     assert len(index.paths) == 20 and "d1/a/broken.jpg" not in index.paths
 
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+def test_scan_folder_finds_truncated_images(tmp_path, ext):
+    # A JPEG cut short still decodes in OpenCV (grey fill): the scan must refuse it all the same.
+    root = _folder_tree(tmp_path / "tree")
+    noise = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    encoded = cv2.imencode(ext, noise)[1].tobytes()
+    (root / "d2" / "a" / f"cut{ext}").write_bytes(encoded[: len(encoded) * 2 // 3])
+    (root / "d2" / "a" / f"whole{ext}").write_bytes(encoded)
+    with pytest.raises(DataError, match=rf"1 unreadable.*\(d2/a/cut\{ext}\).*on_corrupt=skip"):
+        scan_folder(root)
+    with pytest.warns(UserWarning, match=rf"1 unreadable.*d2/a/cut\{ext}.*skipped"):
+        index = scan_folder(root, on_corrupt="skip")
+    assert f"d2/a/whole{ext}" in index.paths and f"d2/a/cut{ext}" not in index.paths
+
+
+def test_scan_folder_skip_still_refuses_a_class_left_empty(tmp_path):
+    root = _folder_tree(tmp_path / "tree", n=1)
+    (root / "d1" / "b" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    with pytest.warns(UserWarning, match="d1/b/0.png"), pytest.raises(DataError, match="d1/b"):
+        scan_folder(root, on_corrupt="skip")
 
 # --- splits -------------------------------------------------------------------------------------------
 

@@ -182,6 +182,7 @@ def test_http_error_names_the_url_without_credentials(server, tmp_path):
     # The credentials still reach the server, as a Basic auth header.
     assert server.log[0][2] == "Basic " + base64.b64encode(b"alice:s3cret").decode()
     assert redact("https://u:p@host/a?token=x&b=1") == "https://***@host/a?token=***&b=1"
+    assert redact("sqlite:////abs/mlflow.db") == "sqlite:////abs/mlflow.db"
 
 
 def test_connection_refused_is_a_data_error(tmp_path):

@@ -60,22 +60,28 @@ def write_params(path: Path, overrides: dict) -> None:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A git + DVC copy of the project with tiny params, after one full `dvc repro`."""
-    proj = tmp_path_factory.mktemp("project")
+def init_project(proj: Path, overrides: dict) -> dict:
+    """Make ``proj`` a git + DVC copy of the project with ``overrides`` over params.yaml; returns
+    the environment to run DVC in it."""
     for item in ("dvc.yaml", "pipelines", "egat", ".dvc", ".dvcignore", ".gitignore"):
         src = ROOT / item
         if src.is_dir():
             shutil.copytree(src, proj / item, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
         else:
             shutil.copy(src, proj / item)
-    write_params(proj / "params.yaml", TINY)
+    write_params(proj / "params.yaml", overrides)
     env = env_for(proj)
     run(["git", "init", "-q"], proj, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], proj, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], proj, env)
-    run(["dvc", "repro"], proj, env, timeout=900)
+    return env
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A git + DVC copy of the project with tiny params, after one full `dvc repro`."""
+    proj = tmp_path_factory.mktemp("project")
+    run(["dvc", "repro"], proj, init_project(proj, TINY), timeout=900)
     return proj
 
 
@@ -132,7 +138,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_training_logs_to_a_real_mlflow_server(tmp_path, monkeypatch):
+def test_training_logs_to_a_real_mlflow_server(tmp_path, monkeypatch, capfd):
     port = free_port()
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -152,7 +158,9 @@ def test_training_logs_to_a_real_mlflow_server(tmp_path, monkeypatch):
         else:
             pytest.fail("mlflow server did not start within 60 s")
         monkeypatch.chdir(tmp_path)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        # Credentials in the URI (the server ignores them) must not reach logs, params or files.
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.replace("//", "//egat:s3cr3t@"))
+        monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
         params = params_from_dict({**TINY, "study": {}})
         stages.prepare(params)
         stages.guides(params)
@@ -165,6 +173,10 @@ def test_training_logs_to_a_real_mlflow_server(tmp_path, monkeypatch):
         assert run_["info"]["status"] == "FINISHED"
         names = {m["key"] for m in run_["data"]["metrics"]}
         assert {"train/loss", "val/acc", "final/best_val_acc"} <= names
+        captured = capfd.readouterr()
+        assert "s3cr3t" not in captured.out + captured.err + json.dumps(run_)
+        written = [f for f in tmp_path.rglob("*") if f.is_file() and f.suffix != ".db"]
+        assert written and not [f for f in written if b"s3cr3t" in f.read_bytes()]
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -319,7 +319,7 @@ def test_sharded_gradients_average_to_the_global_one(tmp_path):
     images, labels = torch.rand(12, 3, 8, 8), torch.randint(0, 3, (12,))
     model = tiny_classifier()
     torch.nn.functional.cross_entropy(model(images), labels).backward()
-    for averaged, whole in zip(torch.load(out), [p.grad for p in model.parameters()]):
+    for averaged, whole in zip(torch.load(out, weights_only=True), [p.grad for p in model.parameters()]):
         torch.testing.assert_close(averaged, whole, rtol=1e-5, atol=1e-6)
 
 

@@ -16,14 +16,14 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tqdm import tqdm
 
 from egat.errors import DataError
+from egat.urls import redact
 
 CHUNK = 1 << 20
-_SECRET_QUERY_KEY = re.compile(r"sig|signature|token|key|secret|pass|auth|credential", re.IGNORECASE)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
 
 
@@ -67,17 +67,6 @@ def sha256_of(path: Path) -> str:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def redact(url: str) -> str:
-    """``url`` fit for messages and logs: no user:password, no values of token-like query parameters."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    query = urlencode([(k, "***" if _SECRET_QUERY_KEY.search(k) else v) for k, v in pairs], safe="*")
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _fetch(url: str, part: Path, timeout: float) -> None:

@@ -11,6 +11,7 @@ from typing import Literal
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from egat.errors import DataError
 
@@ -132,7 +133,13 @@ def _common_classes(root: Path, domains: list[str]) -> list[str]:
     union = set().union(*per_domain.values())
     differing = {d: sorted(union - s) for d, s in per_domain.items() if s != union}
     if differing:
-        detail = "; ".join(f"{d} lacks {', '.join(m)}" for d, m in differing.items())
+        def found(cls: str) -> str:
+            return ", ".join(f"{d}/{cls}" for d in domains if cls in per_domain[d])
+
+        detail = "; ".join(
+            f"{d} lacks {', '.join(f'{c} (found: {found(c)})' for c in missing)}"
+            for d, missing in differing.items()
+        )
         raise DataError(
             f"{root}: domains have different class folders ({detail}); every domain needs the same "
             f"classes: {', '.join(sorted(union))}"
@@ -141,8 +148,16 @@ def _common_classes(root: Path, domains: list[str]) -> list[str]:
 
 
 def _decodable(paths: list[Path]) -> list[bool]:
-    # A reduced-size decode still reads the whole file; OpenCV releases the GIL, so threads scale.
+    # OpenCV decodes a truncated JPEG without an error (grey fill), so Pillow, which refuses
+    # truncated files, checks completeness first; then OpenCV, which training decodes with.
+    # Reduced-size decodes still read every byte; both release the GIL, so threads scale.
     def ok(path: Path) -> bool:
+        try:
+            with Image.open(path) as image:
+                image.draft("L", (image.width // 2, image.height // 2))
+                image.load()
+        except Exception:  # truncated, not an image, a decompression bomb
+            return False
         return cv2.imread(str(path), cv2.IMREAD_REDUCED_GRAYSCALE_2) is not None
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:

@@ -72,7 +72,8 @@ def explanation_stability(
 
         explanation_stability(model, GradCAM(model), loader, PGD(model, 8/255, 2/255, 10), "cpu")
     """
-    rhos, intersections = [], []
+    rho_sum = top_sum = 0.0
+    defined = total = 0  # running sums only: memory stays flat in the number of images
     with model_mode(model, "eval"):
         for batch in iterate_batches(loader, device, max_examples):
             images, labels = batch["image"], batch["label"]
@@ -81,14 +82,15 @@ def explanation_stability(
             adversarial = attack(images, labels)
             clean_maps = explainer.attribute(images, target).detach().flatten(1)
             adversarial_maps = explainer.attribute(adversarial, target).detach().flatten(1)
-            rhos.append(spearman_rows(clean_maps, adversarial_maps))
-            intersections.append(top_intersection(clean_maps, adversarial_maps, top).cpu())
-    if not rhos:
+            rho = spearman_rows(clean_maps, adversarial_maps)
+            rho_sum += float(rho.double().nansum())
+            defined += int((~rho.isnan()).sum())
+            top_sum += float(top_intersection(clean_maps, adversarial_maps, top).double().sum())
+            total += len(images)
+    if total == 0:
         raise ValueError("explanation_stability: the loader yielded no examples")
-    rho = torch.cat(rhos)
-    defined = ~rho.isnan()
     return {
-        "spearman": float(rho[defined].mean()) if defined.any() else float("nan"),
-        "top_intersection": float(torch.cat(intersections).mean()),
-        "spearman_undefined": float((~defined).double().mean()),
+        "spearman": rho_sum / defined if defined else float("nan"),
+        "top_intersection": top_sum / total,
+        "spearman_undefined": (total - defined) / total,
     }

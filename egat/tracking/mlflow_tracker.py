@@ -17,22 +17,13 @@ from typing import Any, Mapping
 
 from egat.errors import EgatError
 from egat.tracking.base import Tracker
+from egat.urls import redact
 
 EXPERIMENT = "egat"
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def redact(uri: str) -> str:
-    """The URI without credentials, safe for messages and logs."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    return uri
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -56,12 +47,12 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     )
 
 
-def retry_locked(write, attempts: int = 5) -> None:
-    """Run an MLflow write, retrying sqlite's "database is locked" under concurrent writers."""
+def retry_locked(write, attempts: int = 5):
+    """Run an MLflow write (and return its result), retrying sqlite's "database is locked" under
+    concurrent writers."""
     for attempt in range(attempts):
         try:
-            write()
-            return
+            return write()
         except Exception as exc:
             if "locked" not in str(exc) or attempt == attempts - 1:
                 raise
@@ -94,22 +85,32 @@ def ensure_experiment(name: str = EXPERIMENT) -> str:
     import mlflow
 
     uri = tracking_uri()
+    if redact(uri) != uri:
+        # MLflow prints "View run ... at: <tracking URI>/#/..." when a run ends, credentials included.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:"):
-        location = (Path.cwd() / "mlartifacts").as_uri()
-    try:
+    with _sqlite_setup_lock(uri):
+        client = mlflow.MlflowClient()
+        exp = client.get_experiment_by_name(name)  # the first call creates a new store's tables
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if uri.startswith("sqlite:"):
+            location = (Path.cwd() / "mlartifacts").as_uri()
         return client.create_experiment(name, artifact_location=location)
-    except Exception:  # created meanwhile by a concurrent process
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+
+
+def _sqlite_setup_lock(uri: str):
+    """An inter-process lock around creating an sqlite store and its experiment: MLflow's schema
+    migration fails ("table already exists", "database is locked") when processes race to it."""
+    from contextlib import nullcontext
+
+    from filelock import FileLock
+
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    return FileLock(f"{uri.removeprefix('sqlite:///')}.lock", timeout=120)
 
 
 class MlflowTracker(Tracker):
@@ -129,16 +130,17 @@ class MlflowTracker(Tracker):
 
         exp_id = ensure_experiment(self.experiment)
         client = mlflow.MlflowClient()
-        stale = client.search_runs(
+        stale = retry_locked(lambda: client.search_runs(
             [exp_id], f"tags.egat_key = '{self.key}' and attributes.status = 'RUNNING'"
-        )
+        ))
         for run in stale:
-            client.set_terminated(run.info.run_id, status="KILLED")
+            retry_locked(lambda: client.set_terminated(run.info.run_id, status="KILLED"))
         tags = {"egat_key": self.key, "git_commit": git_commit(), **self.tags}
-        run = mlflow.start_run(experiment_id=exp_id, run_name=self.key, tags=tags)
+        run = retry_locked(lambda: mlflow.start_run(experiment_id=exp_id, run_name=self.key, tags=tags))
         self.run_id = run.info.run_id
         if self.params:
-            mlflow.log_params({k: str(v)[:6000] for k, v in flatten(self.params).items()})
+            params = {k: str(v)[:6000] for k, v in flatten(self.params).items()}
+            retry_locked(lambda: mlflow.log_params(params))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -149,7 +151,7 @@ class MlflowTracker(Tracker):
             status = "KILLED"
         elif exc_type is not None:
             status = "FAILED"
-        mlflow.end_run(status=status)
+        retry_locked(lambda: mlflow.end_run(status=status))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         import mlflow
@@ -159,7 +161,7 @@ class MlflowTracker(Tracker):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         import mlflow
 
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        retry_locked(lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path))
 
     def log_model(self, model, input_example, name: str = "model") -> None:
         """Log the model (MLflow's default pt2 format traces ``forward`` on ``input_example``)."""

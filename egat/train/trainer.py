@@ -27,6 +27,7 @@ from egat.errors import EgatError
 from egat.methods import build_method
 from egat.metrics.accuracy import evaluate_accuracy
 from egat.models import Classifier, build_model
+from egat.resources import suggest_batch_size_on_oom
 from egat.tracking import NullTracker, Tracker
 from egat.train.sampler import StepBatchSampler
 
@@ -166,6 +167,7 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         self.on_report = on_report  # Ray workers report metrics and checkpoints through it
 
+    @suggest_batch_size_on_oom("train.batch_size", "training")
     def fit(self) -> TrainResult:
         p, t = self.params, self.params.train
         if t.num_threads:
