@@ -180,8 +180,25 @@ class AttackParams(Strict):
     _frac = field_validator("eps", "alpha", mode="before")(lambda v: _fraction(v))
 
 
+class SmoothGradParams(Strict):
+    samples: int = Field(8, ge=1)  # noisy copies per image
+    stdev: float = Field(0.15, ge=0)  # noise std on pixels in [0, 1] (SmoothGrad: 10-20% of range)
+
+
+class IGParams(Strict):
+    steps: int = Field(8, ge=1)  # midpoint Riemann points from the black baseline
+
+
+class FinerCAMParams(Strict):
+    similar: int = Field(3, ge=1)  # most similar classes compared against (closest logits)
+    alpha: float = Field(1.0, ge=0)  # weight of the similar classes' logits
+
+
 class ExplainerParams(Strict):
     name: str = "gradcam"
+    smoothgrad: SmoothGradParams = SmoothGradParams()
+    ig: IGParams = IGParams()
+    finercam: FinerCAMParams = FinerCAMParams()
 
 
 class TrainParams(Strict):
@@ -246,6 +263,7 @@ class EvalParams(Strict):
     sweep: SweepParams = SweepParams()
     faithfulness: FaithfulnessParams = FaithfulnessParams()
     stability_top: float = Field(0.1, gt=0, le=1)
+    explainer: str = "gradcam"  # explainer of Comp/Suff/stability/alignment (options: `explainer`)
 
 
 class StudyParams(Strict):
@@ -356,6 +374,7 @@ class Params(Strict):
 
         _check_name("model.name", self.model.name, model_registry.names())
         _check_name("explainer.name", self.explainer.name, explainer_registry.names())
+        _check_name("eval.explainer", self.eval.explainer, explainer_registry.names())
         _check_name("train.method", self.train.method, method_registry.names())
         for name in self.study.methods:
             _check_name("study.methods", name, method_registry.names())

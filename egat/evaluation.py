@@ -41,7 +41,7 @@ def evaluate_domain(model: Classifier, params: Params, loader, device) -> dict[s
     """All per-domain metrics in one pass over ``loader``."""
     ev = params.eval
     attack = build_attack(model, ev.attack)
-    explainer = build_explainer(params.explainer.name, model)
+    explainer = build_explainer(ev.explainer, model, params.explainer)
     n = clean = adv = 0
     comp = suff = 0.0
     rhos, tops, hits, masses = [], [], [], []
