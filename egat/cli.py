@@ -159,6 +159,36 @@ def tune(config: str, overrides: tuple[str, ...], samples: int | None, out: str 
     run_search(_params(config, overrides), samples=samples, out=out, echo=click.echo)
 
 
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--run", "run_id", default=None, help="MLflow run id of a training run")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="best.pt of a run")
+@click.option("--explainer", default=None, help="gradcam | smoothgrad | ig | finercam "
+              "(default: the checkpoint's eval.explainer)")
+@click.option("--attack", default=None, type=click.Choice(["fgsm", "mifgsm", "pgd"]),
+              help="also explain the image under this attack (the checkpoint's eval.attack budget)")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="overlay PNG; several images or --attack add _<image>/_<attack> to its name")
+@click.option("--top", default=3, show_default=True, type=click.IntRange(min=1), help="classes shown")
+def explain(images, run_id, checkpoint, explainer, attack, out, top) -> None:
+    """Heatmap overlays of IMAGE... (any image files) and the model's top classes."""
+    import tempfile
+
+    from egat.heatmaps import checkpoint_of_run, explain_images
+
+    if (run_id is None) == (checkpoint is None):
+        raise click.UsageError("give exactly one of --run MLFLOW_RUN_ID or --checkpoint PATH")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = checkpoint or checkpoint_of_run(run_id, tmp)
+        results = explain_images(images, ckpt, out, explainer, attack, top)
+    for r in results:
+        click.echo(f"{r.image}: " + ", ".join(f"{c} {p:.3f}" for c, p in r.top))
+        if r.adv_top is not None:
+            click.echo(f"{r.image} under {attack}: " + ", ".join(f"{c} {p:.3f}" for c, p in r.adv_top))
+        for path in r.overlays:
+            click.echo(f"  wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli(args=argv, standalone_mode=False)
