@@ -74,7 +74,8 @@ def evaluate(checkpoint: str, out: str | None, overrides: tuple[str, ...]) -> No
 
 
 CELL = [
-    click.option("--method", required=True, help="a registered method (see `egat methods`)"),
+    click.option("--method", default=None, help="a registered method (see `egat methods`)"),
+    click.option("--variant", default=None, help="a studies.variants name instead of --method"),
     click.option("--domain", required=True, help="the training domain"),
     click.option("--seed", required=True, type=int),
 ]
@@ -106,26 +107,40 @@ def guides(config: str, overrides: tuple[str, ...]) -> None:
     stages.guides(_params(config, overrides))
 
 
+def _cell_params(params, method: str | None, variant: str | None):
+    """(params, method) of a cell: --method as is, or a studies variant's overrides and method."""
+    if (method is None) == (variant is None):
+        raise click.UsageError("give exactly one of --method or --variant")
+    if variant is None:
+        return params, method
+    from egat.studies import variant_params
+
+    return variant_params(params, variant)
+
+
 @cli.command("train-cell")
 @CONFIG
 @OVERRIDES
 @_cell
-def train_cell(config, overrides, method, domain, seed) -> None:
-    """Stage `train`: one (method, domain, seed) run of the study, tracked in MLflow."""
+def train_cell(config, overrides, method, variant, domain, seed) -> None:
+    """Stages `train`/`variant_train`: one (method or variant, domain, seed) run, tracked in MLflow."""
     from egat import stages
 
-    click.echo(json.dumps(stages.train_run(_params(config, overrides), method, domain, seed)))
+    params, method = _cell_params(_params(config, overrides), method, variant)
+    click.echo(json.dumps(stages.train_run(params, method, domain, seed, name=variant)))
 
 
 @cli.command("evaluate-cell")
 @CONFIG
 @OVERRIDES
 @_cell
-def evaluate_cell(config, overrides, method, domain, seed) -> None:
-    """Stage `evaluate`: test one run on every domain, tracked in MLflow."""
+def evaluate_cell(config, overrides, method, variant, domain, seed) -> None:
+    """Stages `evaluate`/`variant_evaluate`: test one run on every domain, tracked in MLflow."""
     from egat import stages
 
-    metrics = stages.evaluate_run(_params(config, overrides), method, domain, seed)
+    params, method = _cell_params(_params(config, overrides), method, variant)
+    root = "evals" if variant is None else "evals/variants"
+    metrics = stages.evaluate_run(params, method, domain, seed, name=variant, evals_root=root)
     click.echo(json.dumps(metrics["summary"], indent=1))
 
 
@@ -141,6 +156,20 @@ def report(config, overrides, runs: str, out: str) -> None:
 
     params = _params(config, overrides)
     for path in build_report(runs, out, methods_order=params.study.methods):
+        click.echo(path)
+
+
+@cli.command()
+@CONFIG
+@OVERRIDES
+@click.option("--evals", default="evals", show_default=True, help="the evaluate stages' folder")
+@click.option("--out", default="reports", show_default=True, help="folder the study outputs go to")
+def studies(config, overrides, evals: str, out: str) -> None:
+    """Stage `studies`: Tables III (sensitivity) and IV (ablation), Fig. 3 (runtime, Pareto
+    front) and Fig. 4 (case study), logged to MLflow."""
+    from egat.studies import studies_run
+
+    for path in studies_run(_params(config, overrides), evals, out):
         click.echo(path)
 
 
