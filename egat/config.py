@@ -182,12 +182,12 @@ class AttackParams(Strict):
 
 
 class SmoothGradParams(Strict):
-    samples: int = Field(8, ge=1)  # noisy copies per image
+    samples: int = Field(4, ge=1)  # noisy copies per image
     stdev: float = Field(0.15, ge=0)  # noise std on pixels in [0, 1] (SmoothGrad: 10-20% of range)
 
 
 class IGParams(Strict):
-    steps: int = Field(8, ge=1)  # midpoint Riemann points from the black baseline
+    steps: int = Field(4, ge=1)  # midpoint Riemann points from the black baseline
 
 
 class FinerCAMParams(Strict):

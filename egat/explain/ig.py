@@ -21,7 +21,7 @@ from egat.models.classifier import Classifier
 
 @explainer_registry.register("ig")
 class IntegratedGradients(InputGradientExplainer):
-    def __init__(self, model: Classifier, steps: int = 8):
+    def __init__(self, model: Classifier, steps: int = 4):
         super().__init__(model)
         self.steps = steps
 

@@ -22,7 +22,7 @@ from egat.models.classifier import Classifier
 
 @explainer_registry.register("smoothgrad")
 class SmoothGrad(InputGradientExplainer):
-    def __init__(self, model: Classifier, samples: int = 8, stdev: float = 0.15):
+    def __init__(self, model: Classifier, samples: int = 4, stdev: float = 0.15):
         super().__init__(model)
         self.samples = samples
         self.stdev = stdev  # absolute, on pixel values in [0, 1]: 15% of the input range
