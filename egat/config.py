@@ -437,7 +437,7 @@ class Params(Strict):
 
     def _check_studies(self, methods: list[str]) -> None:
         """Adds a `noisy_<sigma>` EGAT variant per guides.sigmas level (unless defined), then
-        checks that every name the studies use is a variant or a study method."""
+        checks that every name the studies use is a variant or a registered method."""
         st = self.studies
         for sigma in self.guides.sigmas:
             st.variants.setdefault(_noise_variant(sigma), VariantParams(
@@ -446,7 +446,7 @@ class Params(Strict):
             _check_name(f"studies.variants.{name}.method", variant.method, methods)
             if name in methods:
                 raise ValueError(f"studies.variants.{name}: a variant may not be named like a method")
-        runs = sorted(st.variants) + list(self.study.methods)
+        runs = sorted(st.variants) + methods  # rows without runs are reported as not run
         _check_name_list("studies.train", st.train, sorted(st.variants))
         for key in ("sensitivity", "ablation", "case_study.runs"):
             group, _, sub = key.partition(".")

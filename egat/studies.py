@@ -58,7 +58,7 @@ def run_params_of(params: Params, name: str) -> tuple[Params, str, Path]:
 def load_study_results(evals_dir: str | Path, order: Sequence[str] = ()) -> Results:
     """Every eval.json of the study methods and of the variants, labelled by run name."""
     runs = find_eval_files(evals_dir) + find_eval_files(Path(evals_dir) / VARIANTS)
-    return load_runs([r for r in runs if r.method != VARIANTS], list(order))
+    return load_runs(runs, list(order))
 
 
 def subset(results: Results, names: Sequence[str]) -> tuple[Results, list[str]]:
