@@ -179,3 +179,27 @@ def test_study_stages_end_to_end(tmp_path, monkeypatch):
 
     runs = mlflow.search_runs(experiment_names=["egat"], filter_string="tags.stage = 'studies'")
     assert len(runs) == 1 and runs["metrics.sensitivity/smoothgrad/ood_cacc"].notna().all()
+
+
+def test_runtime_points_are_steps_per_epoch_times_step_time(evals, tmp_path, monkeypatch):
+    from egat.data.splits import write_splits
+    from egat.studies import runtime_points
+
+    monkeypatch.chdir(tmp_path)
+    params = params_from_dict({"data": {"dir": "data"}, "train": {"batch_size": 16},
+                               "study": {"methods": ["erm", "egat"]}})
+    write_splits(params.data.splits_file, {
+        "seed": 0, "fractions": [0.6, 0.2, 0.2], "domains": DOMAINS, "classes": ["a"],
+        "has_masks": False, "images_root": "images",
+        "splits": {d: {"train": [f"{d}/a/{i}.png" for i in range(40)], "val": [], "test": []}
+                   for d in DOMAINS}})
+    for root, name, step in [("runs", "erm", 0.5), ("runs", "egat", 2.0), ("runs/variants", "wo_at", 1.0)]:
+        path = tmp_path / root / name / "grass" / "seed0" / "train_timing.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"time_per_step_s": step, "train_time_s": 300 * step}))
+    results = load_study_results(evals)
+    points, table = runtime_points(params, results, ["erm", "egat", "wo_at", "ig"])
+    # 40 training images at batch 16: 3 steps per epoch; `ig` has no timing file and is left out.
+    assert points == [Point("erm", 1.5, 5.0), Point("egat", 6.0, 55.0), Point("wo_at", 3.0, 7.0)]
+    assert [p.label for p in pareto_front(points)] == ["erm", "wo_at", "egat"]
+    assert list(table.index) == ["erm", "egat", "wo_at"]
