@@ -148,7 +148,9 @@ def steps_per_epoch(params: Params, domain: str) -> int:
     return math.ceil(len(splits["splits"][domain]["train"]) / params.train.batch_size)
 
 
-def runtime_points(params: Params, results: Results, names: Sequence[str]) -> tuple[list[Point], pd.DataFrame]:
+def runtime_points(
+    params: Params, results: Results, names: Sequence[str]
+) -> tuple[list[Point], pd.DataFrame]:
     """One point per named run with an evaluation and a timing file: per-epoch training time
     (steps per epoch x the run's time_per_step_s) vs in-domain aAcc, both averaged over the
     run's training domains and seeds."""
@@ -307,7 +309,9 @@ def build_studies(params: Params, evals_dir: str | Path = "evals", out_dir: str 
     return {"files": files, "metrics": metrics}
 
 
-def studies_run(params: Params, evals_dir: str | Path = "evals", out_dir: str | Path = "reports") -> list[Path]:
+def studies_run(
+    params: Params, evals_dir: str | Path = "evals", out_dir: str | Path = "reports"
+) -> list[Path]:
     """The `studies` stage: build everything and log it to MLflow (one run, key `studies`)."""
     from egat.tracking.mlflow_tracker import MlflowTracker
 
