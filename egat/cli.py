@@ -74,7 +74,8 @@ def evaluate(checkpoint: str, out: str | None, overrides: tuple[str, ...]) -> No
 
 
 CELL = [
-    click.option("--method", required=True, help="a registered method (see `egat methods`)"),
+    click.option("--method", default=None, help="a registered method (see `egat methods`)"),
+    click.option("--variant", default=None, help="a studies.variants name instead of --method"),
     click.option("--domain", required=True, help="the training domain"),
     click.option("--seed", required=True, type=int),
 ]
@@ -106,26 +107,40 @@ def guides(config: str, overrides: tuple[str, ...]) -> None:
     stages.guides(_params(config, overrides))
 
 
+def _cell_params(params, method: str | None, variant: str | None):
+    """(params, method) of a cell: --method as is, or a studies variant's overrides and method."""
+    if (method is None) == (variant is None):
+        raise click.UsageError("give exactly one of --method or --variant")
+    if variant is None:
+        return params, method
+    from egat.studies import variant_params
+
+    return variant_params(params, variant)
+
+
 @cli.command("train-cell")
 @CONFIG
 @OVERRIDES
 @_cell
-def train_cell(config, overrides, method, domain, seed) -> None:
-    """Stage `train`: one (method, domain, seed) run of the study, tracked in MLflow."""
+def train_cell(config, overrides, method, variant, domain, seed) -> None:
+    """Stages `train`/`variant_train`: one (method or variant, domain, seed) run, tracked in MLflow."""
     from egat import stages
 
-    click.echo(json.dumps(stages.train_run(_params(config, overrides), method, domain, seed)))
+    params, method = _cell_params(_params(config, overrides), method, variant)
+    click.echo(json.dumps(stages.train_run(params, method, domain, seed, name=variant)))
 
 
 @cli.command("evaluate-cell")
 @CONFIG
 @OVERRIDES
 @_cell
-def evaluate_cell(config, overrides, method, domain, seed) -> None:
-    """Stage `evaluate`: test one run on every domain, tracked in MLflow."""
+def evaluate_cell(config, overrides, method, variant, domain, seed) -> None:
+    """Stages `evaluate`/`variant_evaluate`: test one run on every domain, tracked in MLflow."""
     from egat import stages
 
-    metrics = stages.evaluate_run(_params(config, overrides), method, domain, seed)
+    params, method = _cell_params(_params(config, overrides), method, variant)
+    root = "evals" if variant is None else "evals/variants"
+    metrics = stages.evaluate_run(params, method, domain, seed, name=variant, evals_root=root)
     click.echo(json.dumps(metrics["summary"], indent=1))
 
 
@@ -147,6 +162,20 @@ def report(config, overrides, runs: str, out: str) -> None:
 @cli.command()
 @CONFIG
 @OVERRIDES
+@click.option("--evals", default="evals", show_default=True, help="the evaluate stages' folder")
+@click.option("--out", default="reports", show_default=True, help="folder the study outputs go to")
+def studies(config, overrides, evals: str, out: str) -> None:
+    """Stage `studies`: Tables III (sensitivity) and IV (ablation), Fig. 3 (runtime, Pareto
+    front) and Fig. 4 (case study), logged to MLflow."""
+    from egat.studies import studies_run
+
+    for path in studies_run(_params(config, overrides), evals, out):
+        click.echo(path)
+
+
+@cli.command()
+@CONFIG
+@OVERRIDES
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="number of trials (default: tune.num_samples)")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
@@ -157,6 +186,36 @@ def tune(config: str, overrides: tuple[str, ...], samples: int | None, out: str 
     from egat.tune import run_search
 
     run_search(_params(config, overrides), samples=samples, out=out, echo=click.echo)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--run", "run_id", default=None, help="MLflow run id of a training run")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="best.pt of a run")
+@click.option("--explainer", default=None, help="gradcam | smoothgrad | ig | finercam "
+              "(default: the checkpoint's eval.explainer)")
+@click.option("--attack", default=None, type=click.Choice(["fgsm", "mifgsm", "pgd"]),
+              help="also explain the image under this attack (the checkpoint's eval.attack budget)")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="overlay PNG; several images or --attack add _<image>/_<attack> to its name")
+@click.option("--top", default=3, show_default=True, type=click.IntRange(min=1), help="classes shown")
+def explain(images, run_id, checkpoint, explainer, attack, out, top) -> None:
+    """Heatmap overlays of IMAGE... (any image files) and the model's top classes."""
+    import tempfile
+
+    from egat.heatmaps import checkpoint_of_run, explain_images
+
+    if (run_id is None) == (checkpoint is None):
+        raise click.UsageError("give exactly one of --run MLFLOW_RUN_ID or --checkpoint PATH")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = checkpoint or checkpoint_of_run(run_id, tmp)
+        results = explain_images(images, ckpt, out, explainer, attack, top)
+    for r in results:
+        click.echo(f"{r.image}: " + ", ".join(f"{c} {p:.3f}" for c, p in r.top))
+        if r.adv_top is not None:
+            click.echo(f"{r.image} under {attack}: " + ", ".join(f"{c} {p:.3f}" for c, p in r.adv_top))
+        for path in r.overlays:
+            click.echo(f"  wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ applied before validation (values are parsed as YAML).
 from __future__ import annotations
 
 import copy
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
@@ -180,8 +181,25 @@ class AttackParams(Strict):
     _frac = field_validator("eps", "alpha", mode="before")(lambda v: _fraction(v))
 
 
+class SmoothGradParams(Strict):
+    samples: int = Field(4, ge=1)  # noisy copies per image
+    stdev: float = Field(0.15, ge=0)  # noise std on pixels in [0, 1] (SmoothGrad: 10-20% of range)
+
+
+class IGParams(Strict):
+    steps: int = Field(4, ge=1)  # midpoint Riemann points from the black baseline
+
+
+class FinerCAMParams(Strict):
+    similar: int = Field(3, ge=1)  # most similar classes compared against (closest logits)
+    alpha: float = Field(1.0, ge=0)  # weight of the similar classes' logits
+
+
 class ExplainerParams(Strict):
     name: str = "gradcam"
+    smoothgrad: SmoothGradParams = SmoothGradParams()
+    ig: IGParams = IGParams()
+    finercam: FinerCAMParams = FinerCAMParams()
 
 
 class TrainParams(Strict):
@@ -246,6 +264,7 @@ class EvalParams(Strict):
     sweep: SweepParams = SweepParams()
     faithfulness: FaithfulnessParams = FaithfulnessParams()
     stability_top: float = Field(0.1, gt=0, le=1)
+    explainer: str = "gradcam"  # explainer of Comp/Suff/stability/alignment (options: `explainer`)
 
 
 class StudyParams(Strict):
@@ -254,6 +273,51 @@ class StudyParams(Strict):
     methods: list[str] = ["erm", "pgd_at", "igr", "ign", "dmada", "irm", "dre", "sgdrop", "egat"]
     train_domains: list[str] = ["grass"]
     seeds: list[int] = [0]
+
+
+class VariantParams(Strict):
+    """One extra training run of the studies: a method with params overrides (dotted keys)."""
+
+    method: str
+    overrides: dict[str, Any] = {}  # e.g. {explainer.name: ig, guides.variant: golden}
+
+
+class CaseStudyParams(Strict):
+    runs: list[str] = ["erm", "pgd_at", "egat"]  # Fig. 4 rows: study methods or variant names
+    images: int = Field(4, ge=1)  # test images, one per class in turn
+    domain: str | None = None  # test domain of the images; null = the first training domain
+
+
+def _noise_variant(sigma: float) -> str:
+    return f"noisy_{sigma:g}"
+
+
+class StudiesParams(Strict):
+    """Sensitivity (Table III), ablation (Table IV), runtime (Fig. 3), case study (Fig. 4)."""
+
+    train: list[str] = ["wo_egl", "wo_at"]  # variants the DVC variant stages train and evaluate
+    variants: dict[str, VariantParams] = {
+        "wo_egl": VariantParams(method="egat_wo_egl"),
+        "wo_at": VariantParams(method="egat_wo_at"),
+        **{name: VariantParams(method="egat", overrides={"explainer.name": name})
+           for name in ("smoothgrad", "ig", "finercam")},
+        "golden": VariantParams(method="egat", overrides={"guides.variant": "golden"}),
+        **{name: VariantParams(method="egat", overrides={"model.name": name})
+           for name in ("resnet50", "mobilenet_v2", "efficientnet_b0")},
+    }  # plus noisy_<sigma> per guides.sigmas level
+    # Table III rows (study methods or variants)
+    sensitivity: list[str] = ["egat", "smoothgrad", "ig", "finercam", "noisy_0.1", "noisy_0.3", "golden"]
+    ablation: list[str] = ["erm", "wo_egl", "wo_at", "egat"]  # Table IV rows
+    runtime: list[str] = ["resnet50", "mobilenet_v2", "efficientnet_b0"]  # Fig. 3 beyond study.methods
+    case_study: CaseStudyParams = CaseStudyParams()
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, v):
+        bad = [name for name in v if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)]
+        if bad:
+            raise ValueError(f"variant names {bad} must be letters, digits, '_', '.', '-'")
+        return v
 
 
 # The lambdas (and the training attack's eps) that `egat tune` may search, and where each lives.
@@ -344,6 +408,7 @@ class Params(Strict):
     methods: dict[str, dict[str, Any]] = {}  # per-method hyperparameters, validated by each method
     eval: EvalParams = EvalParams()
     study: StudyParams = StudyParams()
+    studies: StudiesParams = StudiesParams()
     # Keys owned by other stages (report, studies) pass through untouched.
     report: dict[str, Any] = {}
     tune: TuneParams = TuneParams()
@@ -356,6 +421,7 @@ class Params(Strict):
 
         _check_name("model.name", self.model.name, model_registry.names())
         _check_name("explainer.name", self.explainer.name, explainer_registry.names())
+        _check_name("eval.explainer", self.eval.explainer, explainer_registry.names())
         _check_name("train.method", self.train.method, method_registry.names())
         for name in self.study.methods:
             _check_name("study.methods", name, method_registry.names())
@@ -366,7 +432,27 @@ class Params(Strict):
             except ValidationError as exc:  # re-raised with the full key path
                 raise ValueError(format_validation_error(exc, f"methods.{name}", "")) from None
         _check_name("tune.method", self.tune.method, method_registry.names())
+        self._check_studies(method_registry.names())
         return self
+
+    def _check_studies(self, methods: list[str]) -> None:
+        """Adds a `noisy_<sigma>` EGAT variant per guides.sigmas level (unless defined), then
+        checks that every name the studies use is a variant or a registered method."""
+        st = self.studies
+        for sigma in self.guides.sigmas:
+            st.variants.setdefault(_noise_variant(sigma), VariantParams(
+                method="egat", overrides={"guides.variant": "noisy", "guides.sigma": sigma}))
+        for name, variant in st.variants.items():
+            _check_name(f"studies.variants.{name}.method", variant.method, methods)
+            if name in methods:
+                raise ValueError(f"studies.variants.{name}: a variant may not be named like a method")
+        runs = sorted(st.variants) + methods  # rows without runs are reported as not run
+        _check_name_list("studies.train", st.train, sorted(st.variants))
+        for key in ("sensitivity", "ablation", "case_study.runs"):
+            group, _, sub = key.partition(".")
+            _check_name_list(f"studies.{key}", getattr(getattr(st, group), sub) if sub
+                             else getattr(st, group), runs)
+        _check_name_list("studies.runtime", st.runtime, sorted(st.variants))
 
     def method_config(self, name: str | None = None):
         """The validated hyperparameters of a method (defaults + methods.<name> overrides)."""
@@ -379,6 +465,11 @@ class Params(Strict):
 def _check_name(key: str, value: str, valid: list[str]) -> None:
     if value not in valid:
         raise ValueError(f"{key}={value!r} is unknown; valid: {', '.join(valid)}")
+
+
+def _check_name_list(key: str, values: list[str], valid: list[str]) -> None:
+    for value in values:
+        _check_name(key, value, valid)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -62,7 +62,7 @@ def evaluate_domain(model: Classifier, params: Params, loader, device) -> dict[s
     """
     ev = params.eval
     attack = build_attack(model, ev.attack)
-    explainer = build_explainer(params.explainer.name, model)
+    explainer = build_explainer(ev.explainer, model, params.explainer)
     n = clean = adv = rho_n = masked = 0
     comp = suff = rho_sum = top_sum = hit_sum = mass_sum = 0.0
     with model_mode(model, "eval"):

@@ -53,8 +53,8 @@ def run_dir(params: Params, method: str, domain: str, seed: int) -> Path:
     return Path(params.train.out_dir) / method / domain / f"seed{seed}"
 
 
-def eval_path(method: str, domain: str, seed: int) -> Path:
-    return Path("evals") / method / domain / f"seed{seed}" / "eval.json"
+def eval_path(method: str, domain: str, seed: int, root: str | Path = "evals") -> Path:
+    return Path(root) / method / domain / f"seed{seed}" / "eval.json"
 
 
 def _logged_params(cell: Params, method: str) -> dict:
@@ -71,16 +71,18 @@ def _tags(params: Params, stage: str, method: str, domain: str, seed: int) -> di
     }
 
 
-def train_run(params: Params, method: str, domain: str, seed: int) -> dict:
+def train_run(params: Params, method: str, domain: str, seed: int, name: str | None = None) -> dict:
     """Train one cell (in process or on Ray Train, see ``train.backend``), tracked in MLflow with
-    its checkpoint and model."""
+    its checkpoint and model. ``name`` (a studies variant) replaces the method in folder and key."""
     from egat.train.launch import fit
     from egat.train.trainer import model_from_checkpoint
 
     cell = run_params(params, method, domain, seed)
-    out = run_dir(params, method, domain, seed)
-    key = f"train/{method}/{domain}/seed{seed}"
-    tracker = MlflowTracker(key, _tags(cell, "train", method, domain, seed), _logged_params(cell, method))
+    name = name or method
+    out = run_dir(params, name, domain, seed)
+    key = f"train/{name}/{domain}/seed{seed}"
+    tags = {**_tags(cell, "train", method, domain, seed), "run": name}
+    tracker = MlflowTracker(key, tags, _logged_params(cell, method))
     with tracker:
         result = fit(cell, out, tracker)
         tracker.log_artifact(result.best_checkpoint, "checkpoint")
@@ -91,16 +93,18 @@ def train_run(params: Params, method: str, domain: str, seed: int) -> dict:
     return result.metrics
 
 
-def evaluate_run(params: Params, method: str, domain: str, seed: int) -> dict:
-    """Evaluate one cell's best checkpoint on every domain; writes evals/.../eval.json."""
+def evaluate_run(params: Params, method: str, domain: str, seed: int, name: str | None = None,
+                 evals_root: str | Path = "evals") -> dict:
+    """Evaluate one cell's best checkpoint on every domain; writes <evals_root>/.../eval.json."""
     from egat.evaluation import evaluate_model
     from egat.train.trainer import model_from_checkpoint, resolve_device
 
     cell = run_params(params, method, domain, seed)
-    model, _, _ = model_from_checkpoint(run_dir(params, method, domain, seed) / "best.pt")
-    key = f"evaluate/{method}/{domain}/seed{seed}"
-    path = eval_path(method, domain, seed)
-    tags = _tags(cell, "evaluate", method, domain, seed)
+    name = name or method
+    model, _, _ = model_from_checkpoint(run_dir(params, name, domain, seed) / "best.pt")
+    key = f"evaluate/{name}/{domain}/seed{seed}"
+    path = eval_path(name, domain, seed, evals_root)
+    tags = {**_tags(cell, "evaluate", method, domain, seed), "run": name}
     with MlflowTracker(key, tags, _logged_params(cell, method)) as tracker:
         metrics = evaluate_model(model, cell, [domain], resolve_device(cell))
         metrics.update(method=method, seed=seed)

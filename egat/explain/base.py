@@ -41,5 +41,47 @@ class Explainer(ABC):
         return logits, [self.attribute(inputs, t, create_graph=create_graph) for t in targets]
 
 
-def build_explainer(name: str, model: Classifier) -> Explainer:
-    return explainer_registry.create(name, model)
+class InputGradientExplainer(Explainer):
+    """Maps from input gradients dS_c/dx at S points per image (SmoothGrad's noisy copies, IG's
+    path). All B*S points go through one batched forward pass; with ``create_graph=True`` the
+    input gradients keep their graph (double backward), which captum does not build.
+    """
+
+    @abstractmethod
+    def points(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, S, C, H, W) points at which to take input gradients."""
+
+    @abstractmethod
+    def combine(self, inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """Non-negative (B, H, W) maps from the gradients (B, S, C, H, W) at ``points``."""
+
+    def attribute(self, inputs, target, create_graph=False):
+        return self.maps(inputs, [target], create_graph)[0]
+
+    def logits_and_maps(self, inputs, targets, create_graph=True):
+        return self.model(inputs), self.maps(inputs, targets, create_graph)
+
+    def maps(self, inputs: torch.Tensor, targets: Sequence[torch.Tensor], create_graph: bool):
+        inputs = inputs.detach()
+        with torch.enable_grad():
+            pts = self.points(inputs)
+            samples = pts.shape[1]
+            flat = pts.flatten(0, 1).requires_grad_(True)
+            logits = self.model(flat)
+            out = []
+            for i, target in enumerate(targets):
+                score = logits.gather(1, target.repeat_interleave(samples)[:, None]).sum()
+                (grads,) = torch.autograd.grad(
+                    score, flat, create_graph=create_graph,
+                    retain_graph=create_graph or i < len(targets) - 1,
+                )
+                out.append(normalise_maps(self.combine(inputs, grads.view_as(pts))))
+        return out if create_graph else [m.detach() for m in out]
+
+
+def build_explainer(name: str, model: Classifier, config=None) -> Explainer:
+    """Create a registered explainer; ``config`` (params' ``explainer`` group) supplies its
+    options from the sub-group named like it (e.g. ``explainer.smoothgrad``)."""
+    cls = explainer_registry.get(name)
+    options = getattr(config, name, None)
+    return cls(model, **(options.model_dump() if options is not None else {}))

@@ -38,6 +38,12 @@ class GradCAM(Explainer):
         super().__init__(model)
         self.closed_form = has_cam_head(model) if closed_form is None else closed_form
 
+    def class_coefficients(
+        self, target: torch.Tensor, logits: torch.Tensor | None, feats: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, K) constants c of the explained score sum_k c_k S_k: one-hot at ``target``."""
+        return F.one_hot(target, self.model.num_classes).to(feats.dtype)
+
     def maps_from_features(
         self, feats: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None,
         create_graph: bool = True,
@@ -45,11 +51,12 @@ class GradCAM(Explainer):
         """Grad-CAM maps from the target layer's activations ``feats`` (B, C, h, w)."""
         if self.closed_form:
             h, w = feats.shape[-2:]
-            weights = self.model.fc.weight[target] / (h * w)  # (B, C)
+            coeffs = self.class_coefficients(target, logits, feats)
+            weights = coeffs @ self.model.fc.weight / (h * w)  # (B, C)
         else:
             if logits is None:
                 logits = self.model.head(feats)
-            score = logits.gather(1, target[:, None]).sum()
+            score = (logits * self.class_coefficients(target, logits, feats)).sum()
             (grads,) = torch.autograd.grad(
                 score, feats, create_graph=create_graph, retain_graph=True
             )

@@ -45,7 +45,7 @@ class DRE(Method):
 
     def __init__(self, model, config, params):
         super().__init__(model, config, params)
-        self.explainer = build_explainer(params.explainer.name, model)
+        self.explainer = build_explainer(params.explainer.name, model, params.explainer)
 
     def loss(self, batch):
         cfg = self.config

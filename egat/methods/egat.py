@@ -60,7 +60,7 @@ class EGAT(Method):
 
     def __init__(self, model, config, params):
         super().__init__(model, config, params)
-        self.explainer = build_explainer(params.explainer.name, model)
+        self.explainer = build_explainer(params.explainer.name, model, params.explainer)
         self.attack = build_attack(model, params.attack) if config.lambda_adv > 0 else None
         guides = params.guides
         self.guide_sigma = guides.sigma if guides.variant == "noisy" else 0.0

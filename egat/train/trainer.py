@@ -101,7 +101,7 @@ def checkpoint_payload(model: Classifier, params: Params, splits: dict, **extra)
 
 def validation_metrics(model: Classifier, params: Params, loader, device: torch.device) -> dict:
     """cAcc on ``train.val_batches`` validation batches, plus ``train.val_metrics``: aAcc under
-    ``eval.attack`` and Grad-CAM comprehensiveness (as in evaluation), all in percent.
+    ``eval.attack`` and comprehensiveness of ``eval.explainer`` (as in evaluation), all in percent.
 
     The attack's random start draws from a forked RNG seeded by ``train.seed``, so validation is
     deterministic and leaves the training RNG stream untouched.
@@ -126,7 +126,7 @@ def validation_metrics(model: Classifier, params: Params, loader, device: torch.
         from egat.metrics.faithfulness import faithfulness
 
         faith = params.eval.faithfulness
-        explainer = build_explainer(params.explainer.name, model)
+        explainer = build_explainer(params.eval.explainer, model, params.explainer)
         out["val/comp"] = faithfulness(
             model, explainer, loader, device, faith.ks, faith.baseline, max_examples
         )["comp"]
