@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -157,18 +156,17 @@ def test_bf16_autocast_runs_a_training_step_on_cpu():
     assert not torch.equal(before, model.fc.weight) and model.fc.weight.dtype == torch.float32
 
 
-@pytest.mark.slow
-def test_compile_backbone_keeps_state_dict_keys_and_outputs():
-    model = tiny_classifier()
+@pytest.mark.slow  # dynamo tracing: ~5 s
+def test_compile_backbone_keeps_state_dict_keys_outputs_and_gradients():
+    model, reference = tiny_classifier(), tiny_classifier()
     keys, x = list(model.state_dict()), torch.rand(2, 3, 8, 8)
-    expected = model(x)
-    compile_backbone(model)
-    start = time.perf_counter()
+    compile_backbone(model, backend="aot_eager")  # dynamo + AOT autograd; inductor takes minutes
     out = model(x)
     out.sum().backward()
-    assert list(model.state_dict()) == keys
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    assert time.perf_counter() - start < 120
+    reference(x).sum().backward()
+    assert list(model.state_dict()) == keys  # checkpoints stay loadable without compile
+    torch.testing.assert_close(out, reference(x))
+    torch.testing.assert_close(model.backbone[0].weight.grad, reference.backbone[0].weight.grad)
 
 
 @pytest.fixture(scope="module")

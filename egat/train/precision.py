@@ -41,12 +41,13 @@ class Precision:
         self.scaler.update()
 
 
-def compile_backbone(model: torch.nn.Module) -> None:
+def compile_backbone(model: torch.nn.Module, backend: str = "inductor") -> None:
     """Compile the backbone in place (``nn.Module.compile``: state_dict keys stay unchanged).
 
     The backbone, not the model: methods call ``model.features`` and ``model.head`` separately.
     Compiled graphs do not support double backward (igr, ign, sgt differentiate input gradients).
+    ``backend``: torch.compile's; the tests use "aot_eager" (inductor's first CPU build takes ~2 min).
     """
     if not hasattr(torch, "compile"):
         raise EgatError("train.compile=true needs torch >= 2.0")
-    model.backbone.compile()
+    model.backbone.compile(backend=backend)
