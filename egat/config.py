@@ -262,6 +262,9 @@ class EvalParams(Strict):
     batch_size: int = Field(128, ge=1)
     max_examples: int = Field(200, ge=0)  # per domain test split; 0 = all
     attack: AttackParams = AttackParams()
+    sweep: SweepParams = SweepParams()
+    faithfulness: FaithfulnessParams = FaithfulnessParams()
+    stability_top: float = Field(0.1, gt=0, le=1)
 
     @field_validator("attack")
     @classmethod
@@ -271,9 +274,6 @@ class EvalParams(Strict):
                 f"name={v.name!r} is a training-time attack; evaluate with fgsm, mifgsm or pgd"
             )
         return v
-    sweep: SweepParams = SweepParams()
-    faithfulness: FaithfulnessParams = FaithfulnessParams()
-    stability_top: float = Field(0.1, gt=0, le=1)
 
 
 class StudyParams(Strict):

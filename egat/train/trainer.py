@@ -260,8 +260,12 @@ class Trainer:
                 val_acc = val["val/acc"]
                 self.tracker.log_metrics(val, step)
                 latest.update(val)
-                if guard is None and val_acc > state["best_val_acc"]:
-                    state.update(best_val_acc=val_acc, best_step=step)
+                improved = val_acc > state["best_val_acc"]
+                if improved:
+                    state["best_val_acc"] = val_acc
+                # With the overfitting guard on, best.pt follows the guard's accuracy instead.
+                if improved and guard is None:
+                    state["best_step"] = step
                     if self.rank == 0:
                         io.torch_save(
                             checkpoint_payload(model, p, splits, step=step, val_acc=val_acc),
