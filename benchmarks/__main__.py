@@ -9,7 +9,8 @@ Sections (``--only`` picks some):
   comp/suff  Comp/Suff throughput (images/s) for every k bin of eval.faithfulness.ks
   data       train.method's step with the real loader vs on in-memory tensors (overhead <= 5%)
 
-The machine is shared and noisy: timings are medians of round-robin repeats and only ratios
+The machine is shared and noisy: timings are medians of round-robin repeats of this process's CPU
+time (``--clock cpu``, one thread by default; ``--clock wall`` on a quiet machine), and only ratios
 measured in the same run mean anything. Writes <out>.json and <out>.md (atomically) and prints the
 table. A benchmark-only package (grad-cam, torchattacks: `pip install -e '.[bench]'`) that is
 missing turns its row into a note; the rest still runs.
@@ -30,6 +31,7 @@ import time
 
 import torch
 
+from benchmarks import timing
 from benchmarks.timing import Row
 from egat import io
 from egat.config import load_params
@@ -47,7 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--methods", nargs="+", default=None, help="step: default every method")
     ap.add_argument("--batch", type=int, default=64, help="synthetic batch (step, gradcam, ...)")
     ap.add_argument("--size", type=int, default=32, help="synthetic image size in pixels")
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="cpu: this process's CPU time (robust on shared cores; 1 thread); wall")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data-dir", default=None, help="data: a prepared data.dir")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -66,6 +70,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     from benchmarks.steps import loader_step, method_steps, synthetic_batch
 
     torch.set_num_threads(args.threads)
+    timing.use_clock(args.clock)
     torch.manual_seed(0)
     overrides = list(args.overrides) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
     params = load_params(args.params, overrides)
@@ -117,14 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     conditions = {
         "torch": torch.__version__, "python": platform.python_version(),
-        "machine": platform.machine(), "threads": args.threads, "batch": args.batch,
+        "machine": platform.machine(), "threads": args.threads, "clock": args.clock, "batch": args.batch,
         "size": args.size, "repeats": args.repeats, "warmup": args.warmup,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "overrides": args.overrides,
     }
     text = table(rows)
     header = (f"Benchmarks ({', '.join(args.only)}): batch {args.batch} x {args.size} px, "
-              f"{args.threads} threads, medians of {args.repeats} round-robin repeats, "
+              f"{args.threads} threads, {args.clock} time, medians of {args.repeats} round-robin "
+              "repeats, "
               f"torch {torch.__version__}, {conditions['cuda'] or 'CPU'}\n\n")
     io.write_json(f"{args.out}.json", {"conditions": conditions,
                                        "rows": [dataclasses.asdict(r) for r in rows]})

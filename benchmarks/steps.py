@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks import timing
 from benchmarks.timing import Row, round_robin
 from egat.attacks import build_attack
 from egat.config import Params
@@ -102,13 +102,13 @@ def loader_step(params: Params, repeats: int, warmup: int) -> list[Row]:
     step = make_step(model, method, lambda: current["batch"])
     fetch_s, loader_s, memory_s = [], [], []
     for r in range(total):  # alternate: loader step, then the same batch from memory
-        start = time.perf_counter()
+        start = timing.clock()
         current["batch"] = next(loader)
-        fetched = time.perf_counter()
+        fetched = timing.clock()
         step()
-        end = time.perf_counter()
+        end = timing.clock()
         step()
-        again = time.perf_counter()
+        again = timing.clock()
         if r >= warmup:
             fetch_s.append(fetched - start)
             loader_s.append(end - start)

@@ -9,15 +9,26 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+# CPU time of this process: on a shared machine, other processes stretch wall time but hardly the
+# CPU time a computation takes (use one torch thread, so no thread spins idle); wall on a quiet one.
+clock = CLOCKS["cpu"]
+
+
+def use_clock(name: str) -> None:
+    global clock
+    clock = CLOCKS[name]
+
+
 def round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall seconds per call of every callable in ``fns``."""
+    """Median seconds (of the chosen clock, see :func:`use_clock`) per call of each callable."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(warmup + repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
             if r >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
