@@ -32,4 +32,4 @@ test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"
 
 bench: setup
-	$(PY) benchmarks/step_cost.py
+	$(PY) -m benchmarks

@@ -170,15 +170,21 @@ class ModelParams(Strict):
 
 
 class AttackParams(Strict):
-    name: Literal["fgsm", "mifgsm", "pgd"] = "pgd"
+    # fgsm_rs and free are training-time attacks (fast adversarial training), not evaluation ones.
+    name: Literal["fgsm", "mifgsm", "pgd", "fgsm_rs", "free"] = "pgd"
     eps: float = Field(8 / 255, ge=0, le=1)
     alpha: float = Field(2 / 255, ge=0, le=1)
     steps: int = Field(10, ge=1)
     random_start: bool = True
     decay: float = Field(1.0, ge=0)  # MI-FGSM momentum mu
     model_mode: Literal["eval", "train"] = "eval"  # the model's mode while the attack runs
+    rs_alpha_ratio: float = Field(1.25, gt=0)  # fgsm_rs: step = ratio * eps (Wong et al. 2020)
+    replays: int = Field(4, ge=1)  # free: minibatch replays m (Shafahi et al. 2019)
 
     _frac = field_validator("eps", "alpha", mode="before")(lambda v: _fraction(v))
+
+
+TRAINING_ONLY_ATTACKS = ("fgsm_rs", "free")
 
 
 class SmoothGradParams(Strict):
@@ -200,6 +206,16 @@ class ExplainerParams(Strict):
     smoothgrad: SmoothGradParams = SmoothGradParams()
     ig: IGParams = IGParams()
     finercam: FinerCAMParams = FinerCAMParams()
+
+
+class GuardParams(Strict):
+    """Catastrophic-overfitting guard (Wong et al. 2020): accuracy under ``eval.attack`` on a
+    fixed validation batch every ``every`` steps; with the guard on, best.pt is the checkpoint of
+    the highest guard accuracy, and a drop of ``collapse_drop`` points below it logs a warning."""
+
+    every: int = Field(0, ge=0)  # steps between checks; 0 = off
+    examples: int = Field(128, ge=1)  # the first N validation images
+    collapse_drop: float = Field(20.0, gt=0)  # percentage points below the best = a collapse
 
 
 class TrainParams(Strict):
@@ -228,6 +244,9 @@ class TrainParams(Strict):
     max_failures: int = Field(1, ge=-1)
     storage_path: str | None = None
     resources_per_worker: dict[str, float] = {}
+    guard: GuardParams = GuardParams()
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 adds a GradScaler
+    compile: bool = False  # torch.compile the backbone (not with double-backward methods)
 
     @field_validator("resources_per_worker")
     @classmethod
@@ -265,6 +284,15 @@ class EvalParams(Strict):
     faithfulness: FaithfulnessParams = FaithfulnessParams()
     stability_top: float = Field(0.1, gt=0, le=1)
     explainer: str = "gradcam"  # explainer of Comp/Suff/stability/alignment (options: `explainer`)
+
+    @field_validator("attack")
+    @classmethod
+    def _evaluation_attack(cls, v):
+        if v.name in TRAINING_ONLY_ATTACKS:
+            raise ValueError(
+                f"name={v.name!r} is a training-time attack; evaluate with fgsm, mifgsm or pgd"
+            )
+        return v
 
 
 class StudyParams(Strict):

@@ -61,6 +61,9 @@ class Attack:
     Subclasses implement :meth:`perturb` (and :meth:`from_params` for :func:`build_attack`).
     """
 
+    training_only = False  # True: a fast-training attack, not an evaluation one
+    replays = 1  # consecutive training steps on each minibatch (free adversarial training: m)
+
     def __init__(self, model: nn.Module, eps: float, model_mode: ModelMode = "eval"):
         self._require_non_negative("eps", eps)
         if model_mode not in ("eval", "train"):

@@ -65,7 +65,9 @@ class GradCAM(Explainer):
         return normalise_maps(cam)
 
     def attribute(self, inputs, target, create_graph=False):
-        with torch.enable_grad():
+        # The closed form of detached maps needs no graph: no autograd bookkeeping in the forward.
+        graph = create_graph or not self.closed_form
+        with torch.enable_grad() if graph else torch.no_grad():
             feats = self.model.features(inputs)
             if not self.closed_form and not feats.requires_grad:
                 # Frozen model: the autograd path still needs dS/dA, so make A a graph leaf.

@@ -49,6 +49,12 @@ class Method:
     def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
         raise NotImplementedError
 
+    @property
+    def batch_replays(self) -> int:
+        """Consecutive training steps on each minibatch: the training attack's (free AT: m)."""
+        attack = getattr(self, "attack", None)
+        return attack.replays if attack is not None else 1
+
 
 def build_method(model: Classifier, params: "Params", name: str | None = None) -> Method:
     name = name or params.train.method

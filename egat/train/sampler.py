@@ -16,15 +16,17 @@ class StepBatchSampler(Sampler[list[int]]):
     """Yields the index lists of steps ``start_step .. total_steps - 1`` (drop-last epochs).
 
     Each epoch is a fresh permutation seeded by (seed, epoch). With ``world_size > 1`` rank r
-    takes entries r, r + W, ... of each global batch.
+    takes entries r, r + W, ... of each global batch. With ``replays`` m > 1 (free adversarial
+    training) steps mk .. mk + m - 1 all get minibatch k.
     """
 
     def __init__(
         self, num_samples: int, batch_size: int, seed: int, total_steps: int,
-        start_step: int = 0, rank: int = 0, world_size: int = 1,
+        start_step: int = 0, rank: int = 0, world_size: int = 1, replays: int = 1,
     ):
         if num_samples < batch_size:
             raise ValueError(f"{num_samples} samples are fewer than one batch of {batch_size}")
+        self.replays = replays
         self.n, self.batch_size, self.seed = num_samples, batch_size, seed
         self.total_steps, self.start_step = total_steps, start_step
         self.rank, self.world_size = rank, world_size
@@ -37,7 +39,7 @@ class StepBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         epoch, perm = -1, None
         for step in range(self.start_step, self.total_steps):
-            e, b = divmod(step, self.steps_per_epoch)
+            e, b = divmod(step // self.replays, self.steps_per_epoch)
             if e != epoch:
                 epoch, perm = e, self._permutation(e)
             batch = perm[b * self.batch_size : (b + 1) * self.batch_size]

@@ -29,6 +29,8 @@ from egat.metrics.accuracy import evaluate_accuracy
 from egat.models import Classifier, build_model
 from egat.resources import suggest_batch_size_on_oom
 from egat.tracking import NullTracker, Tracker
+from egat.train.guard import OverfitGuard
+from egat.train.precision import Precision, compile_backbone
 from egat.train.sampler import StepBatchSampler
 
 log = logging.getLogger(__name__)
@@ -183,8 +185,14 @@ class Trainer:
         ).to(self.device)
         method = build_method(model, p)
         optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        if t.compile:
+            compile_backbone(model)
+        precision = Precision(t.precision, self.device)
+        guard = OverfitGuard(p, val_ds, self.device) if t.guard.every else None
 
         state = {"step": 0, "best_val_acc": -1.0, "best_step": -1, "elapsed_s": 0.0}
+        if guard is not None:
+            state["best_guard_acc"] = -1.0
         fingerprint = params_fingerprint(p)
         last = self.run_dir / LAST
         if last.is_file():
@@ -210,7 +218,8 @@ class Trainer:
                 f"train.batch_size={t.batch_size}; lower the batch size"
             )
         sampler = StepBatchSampler(
-            len(train_ds), t.batch_size, t.seed, t.steps, state["step"], self.rank, self.world_size
+            len(train_ds), t.batch_size, t.seed, t.steps, state["step"], self.rank, self.world_size,
+            replays=method.batch_replays,
         )
         # Loaders draw their iterators' base seeds from their own generators, not the global RNG:
         # a resumed run (which creates its iterator at step k) then continues the global RNG
@@ -233,11 +242,12 @@ class Trainer:
         model.train()
         for batch in loader:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            out = method.loss(batch)
+            with precision.autocast():
+                out = method.loss(batch)
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            precision.backward(out.loss)
             self._sync_gradients(model)
-            optimizer.step()
+            precision.step(optimizer)
             self._sync_buffers(model)
             state["step"] += 1
             step = state["step"]
@@ -248,6 +258,8 @@ class Trainer:
                 self.tracker.log_metrics(logged, step)
                 latest.update({"train/loss": out.loss.item(), "train/acc": acc})
                 bar.set_postfix(loss=f"{out.loss.item():.3f}", best_val=f"{state['best_val_acc']:.1f}")
+            if guard is not None and guard.due(step):
+                self._check_guard(guard, model, state, step, latest, splits)
             evaluated = step % t.eval_every == 0 or step == t.steps
             checkpointed = step % t.checkpoint_every == 0 or step == t.steps
             if evaluated:
@@ -255,8 +267,12 @@ class Trainer:
                 val_acc = val["val/acc"]
                 self.tracker.log_metrics(val, step)
                 latest.update(val)
-                if val_acc > state["best_val_acc"]:
-                    state.update(best_val_acc=val_acc, best_step=step)
+                improved = val_acc > state["best_val_acc"]
+                if improved:
+                    state["best_val_acc"] = val_acc
+                # With the overfitting guard on, best.pt follows the guard's accuracy instead.
+                if improved and guard is None:
+                    state["best_step"] = step
                     if self.rank == 0:
                         io.torch_save(
                             checkpoint_payload(model, p, splits, step=step, val_acc=val_acc),
@@ -280,6 +296,20 @@ class Trainer:
         bar.close()
         state["elapsed_s"] = time.perf_counter() - started
         return self._finish(model, state)
+
+    def _check_guard(self, guard, model, state: dict, step: int, latest: dict, splits) -> None:
+        """The overfitting guard's check: warn on a collapse, keep the best guard model as best.pt."""
+        acc = guard.accuracy(model)
+        guard.warn_if_collapsed(acc, state["best_guard_acc"], step)
+        self.tracker.log_metrics({"guard/acc": acc}, step)
+        latest["guard/acc"] = acc
+        if acc > state["best_guard_acc"]:
+            state.update(best_guard_acc=acc, best_step=step)
+            if self.rank == 0:
+                io.torch_save(
+                    checkpoint_payload(model, self.params, splits, step=step, guard_acc=acc),
+                    self.run_dir / BEST,
+                )
 
     def _sync_gradients(self, model: Classifier) -> None:
         """Average gradients across ranks (no-op for one worker), in one flat all-reduce.
@@ -311,6 +341,8 @@ class Trainer:
             "best_step": state["best_step"],
             "steps": state["step"],
         }
+        if "best_guard_acc" in state:
+            metrics["best_guard_acc"] = state["best_guard_acc"]
         # Wall-clock figures live apart so that the metrics file is reproducible byte for byte.
         timing = {
             "train_time_s": round(state["elapsed_s"], 3),

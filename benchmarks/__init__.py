@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks` (README, "Benchmarks"); speed targets live here only."""

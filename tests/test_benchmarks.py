@@ -1,0 +1,68 @@
+"""`python -m benchmarks` with tiny settings: the JSON/markdown shape, targets, and a missing
+benchmark-only package (blocked on the import path of a real subprocess) turning into a note."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--repeats", "1", "--warmup", "0", "--batch", "4", "--threads", "1",
+        "--set", "attack.steps=1", "--set", "eval.attack.steps=2",
+        "--set", "eval.faithfulness.ks=[5,50]", "--set", "data.dir=/nonexistent/data"]
+
+
+def test_benchmark_writes_the_table_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "reports" / "benchmarks"
+    assert main([*TINY, "--only", "step", "gradcam", "attacks", "comp/suff", "data",
+                 "--methods", "erm", "pgd_at", "egat", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    rows = {(r["section"], r["name"]): r for r in report["rows"]}
+    assert report["conditions"]["batch"] == 4 and report["conditions"]["repeats"] == 1
+    assert {n for s, n in rows if s == "step"} == {"erm", "pgd_at", "egat", "egat / pgd_at"}
+    assert rows[("step", "erm")]["ratio"] == 1.0
+    target = rows[("step", "egat / pgd_at")]
+    assert target["target"] == "<= 1.2" and target["met"] == (target["ratio"] <= 1.2)
+    for name in ("ours autograd", "captum LayerGradCam", "pytorch-grad-cam"):
+        assert rows[("gradcam", name)]["diff"] < 1e-5  # the same maps
+    assert rows[("attacks", "torchattacks PGD-2")]["diff"] < 1e-6
+    assert rows[("attacks", "torchattacks FGSM")]["diff"] < 1e-6
+    assert {n for s, n in rows if s == "comp/suff"} == {"k=5%", "k=50%", "all k [5.0, 50.0]"}
+    assert all(r["value"] > 0 for r in report["rows"] if r["section"] == "comp/suff")
+    assert rows[("data", "loader vs in-memory")]["note"].startswith("not run: /nonexistent/data")
+    markdown = out.with_suffix(".md").read_text()
+    assert "| step | egat / pgd_at |" in markdown and markdown in capsys.readouterr().out + "\n"
+    assert markdown.count("\n|") == len(report["rows"]) + 2  # header, rule, one line per row
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch, captum, cv2: ~10 s on 2 busy cores
+def test_a_missing_benchmark_extra_is_a_note_and_the_rest_runs(tmp_path):
+    blocked = tmp_path / "blocked"
+    for package in ("pytorch_grad_cam", "torchattacks"):  # shadows the installed package
+        (blocked / package).mkdir(parents=True)
+        (blocked / package / "__init__.py").write_text(f"raise ImportError('{package} blocked')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(ROOT)])}
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", *TINY, "--only", "gradcam", "attacks",
+         "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert rows["pytorch-grad-cam"]["note"].startswith("not run: grad-cam is not installed")
+    assert rows["torchattacks"]["note"].startswith("not run: torchattacks is not installed")
+    assert rows["captum LayerGradCam"]["diff"] < 1e-5  # the rest of the table ran
+    assert "pip install -e '.[bench]'" in proc.stdout
+
+
+def test_bad_arguments_exit_with_a_message(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--repeats", "0"])
+    assert exc.value.code == 2 and "--repeats must be >= 1" in capsys.readouterr().err

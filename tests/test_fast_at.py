@@ -1,0 +1,202 @@
+"""Fast adversarial training: FGSM-RS and free AT against hand computations on a linear model,
+minibatch replay, the catastrophic-overfitting guard, and the mixed-precision/compile switches."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from egat import stages
+from egat.attacks import FGSMRandomStart, FreePerturbation, build_attack
+from egat.config import AttackParams, params_from_dict
+from egat.errors import ParamsError
+from egat.train import Trainer
+from egat.train.guard import OverfitGuard
+from egat.train.precision import Precision, compile_backbone
+from egat.train.sampler import StepBatchSampler
+from tests.helpers import tiny_classifier
+
+EPS = 0.1
+
+
+class Linear(nn.Module):
+    """logits = W x.flatten(): CE's input gradient is W^T (softmax - onehot), by hand."""
+
+    def __init__(self, pixels: int, classes: int = 3, seed: int = 0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(classes, pixels, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.weight.T
+
+
+def hand_gradient(model: Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        p = (x.flatten(1) @ model.weight.T).softmax(1)
+        p[torch.arange(len(y)), y] -= 1
+        return (p @ model.weight).view_as(x)
+
+
+@pytest.fixture
+def linear_batch():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 1, 3, 3, generator=g)
+    x[0] = 0.0  # the [0, 1] box binds here
+    return Linear(9), x, torch.tensor([0, 1, 2, 0])
+
+
+def test_fgsm_rs_matches_the_hand_computation(linear_batch):
+    model, x, y = linear_batch
+    attack = FGSMRandomStart(model, eps=EPS)
+    assert attack.alpha == pytest.approx(1.25 * EPS)
+    torch.manual_seed(7)
+    x_adv = attack(x, y)
+    torch.manual_seed(7)
+    start = (x + torch.empty_like(x).uniform_(-EPS, EPS)).clamp(0, 1)
+    start = torch.max(torch.min(start, x + EPS), x - EPS)
+    expected = start + 1.25 * EPS * hand_gradient(model, start, y).sign()
+    expected = expected.clamp(min=(x - EPS).clamp(min=0), max=(x + EPS).clamp(max=1))
+    torch.testing.assert_close(x_adv, expected)
+    assert (x_adv - x).abs().max() <= EPS + 1e-7 and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_fgsm_rs_from_params_uses_the_alpha_ratio(linear_batch):
+    model = linear_batch[0]
+    attack = build_attack(model, AttackParams(name="fgsm_rs", eps=0.04, rs_alpha_ratio=1.5))
+    assert isinstance(attack, FGSMRandomStart) and attack.alpha == pytest.approx(0.06)
+
+
+def test_free_perturbation_is_carried_across_replays_and_clipped_to_eps(linear_batch):
+    model, x, y = linear_batch
+    free = build_attack(model, AttackParams(name="free", eps=EPS, replays=3))
+    assert isinstance(free, FreePerturbation) and free.replays == 3
+    delta = torch.zeros_like(x)
+    for _ in range(free.replays):  # each replay: the training step's own backward updates delta
+        x_adv = free(x, y)
+        torch.testing.assert_close(x_adv.detach(), (x + delta).clamp(0, 1))
+        F.cross_entropy(model(x_adv), y).backward()
+        delta = (delta + EPS * hand_gradient(model, (x + delta).clamp(0, 1), y).sign()).clamp(-EPS, EPS)
+        torch.testing.assert_close(free.delta, delta)
+    assert free.delta.abs().max() <= EPS and model.weight.grad is not None
+    torch.testing.assert_close(free(x.flip(0), y).detach(), (x.flip(0) + delta).clamp(0, 1))
+    free(torch.rand(2, 1, 3, 3), y[:2])  # another batch shape starts afresh
+    assert torch.equal(free.delta, torch.zeros(2, 1, 3, 3))
+
+
+def test_free_perturbation_does_not_move_without_a_backward(linear_batch):
+    model, x, y = linear_batch
+    free = FreePerturbation(model, eps=EPS)
+    with torch.no_grad():
+        out = free(x, y)
+    assert not out.requires_grad and torch.equal(free.delta, torch.zeros_like(x))
+
+
+def test_training_attacks_are_refused_for_evaluation():
+    with pytest.raises(ParamsError, match=r"eval\.attack.*'free' is a training-time attack"):
+        params_from_dict({"eval": {"attack": {"name": "free"}}})
+    with pytest.raises(ParamsError, match=r"attack\.replays"):
+        params_from_dict({"attack": {"name": "free", "replays": 0}})
+
+
+def test_sampler_replays_each_minibatch_m_times_and_resumes_mid_replay():
+    full = list(StepBatchSampler(20, 4, seed=1, total_steps=10, replays=3))
+    plain = list(StepBatchSampler(20, 4, seed=1, total_steps=4))
+    assert len(full) == 10  # optimizer steps; ceil(10 / 3) = 4 distinct minibatches
+    assert full == [plain[i // 3] for i in range(10)]
+    assert list(StepBatchSampler(20, 4, seed=1, total_steps=10, start_step=4, replays=3)) == full[4:]
+
+
+class ValSet(torch.utils.data.Dataset):
+    def __init__(self, n=10):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.rand(n, 3, 8, 8, generator=g), torch.arange(n) % 3
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+def test_guard_measures_a_fixed_batch_deterministically_and_warns_on_collapse(caplog):
+    params = params_from_dict({"train": {"steps": 100, "guard": {"every": 30, "examples": 6,
+                                                                  "collapse_drop": 20}},
+                               "eval": {"attack": {"steps": 2}}})
+    guard = OverfitGuard(params, ValSet(), torch.device("cpu"))
+    assert guard.images.shape == (6, 3, 8, 8)
+    assert [s for s in range(1, 101) if guard.due(s)] == [30, 60, 90, 100]
+    model = tiny_classifier()
+    before = torch.get_rng_state()
+    first, second = guard.accuracy(model), guard.accuracy(model)
+    assert first == second and 0 <= first <= 100 and torch.equal(torch.get_rng_state(), before)
+    with caplog.at_level(logging.WARNING, logger="egat.train.guard"):
+        assert not guard.warn_if_collapsed(45.0, best=60.0, step=30)
+        assert guard.warn_if_collapsed(40.0, best=60.0, step=60)
+    assert len(caplog.records) == 1 and "catastrophic overfitting at step 60" in caplog.text
+
+
+def test_bf16_autocast_runs_a_training_step_on_cpu():
+    model = tiny_classifier()
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    precision = Precision("bf16", torch.device("cpu"))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    before = model.fc.weight.detach().clone()
+    with precision.autocast():
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+    assert logits.dtype == torch.bfloat16 and precision.scaler is None
+    precision.backward(loss)
+    precision.step(optimizer)
+    assert not torch.equal(before, model.fc.weight) and model.fc.weight.dtype == torch.float32
+
+
+@pytest.mark.slow  # dynamo tracing: ~5 s
+def test_compile_backbone_keeps_state_dict_keys_outputs_and_gradients():
+    model, reference = tiny_classifier(), tiny_classifier()
+    keys, x = list(model.state_dict()), torch.rand(2, 3, 8, 8)
+    compile_backbone(model, backend="aot_eager")  # dynamo + AOT autograd; inductor takes minutes
+    out = model(x)
+    out.sum().backward()
+    reference(x).sum().backward()
+    assert list(model.state_dict()) == keys  # checkpoints stay loadable without compile
+    torch.testing.assert_close(out, reference(x))
+    torch.testing.assert_close(model.backbone[0].weight.grad, reference.backbone[0].weight.grad)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast_at") / "data"
+    wheel = Path("/work/main/data/raw/animal_mnist-0.4-py3-none-any.whl")
+    local = Path(__file__).resolve().parents[1] / "data" / "raw" / wheel.name
+    for source in (local, wheel):  # offline: the cached wheel, where there is one
+        if source.is_file():
+            (root / "raw").mkdir(parents=True)
+            shutil.copy(source, root / "raw")
+            break
+    params = params_from_dict({"data": {"dir": str(root), "embedded": {"per_class": 12}}})
+    stages.prepare(params)
+    stages.guides(params)
+    return root
+
+
+@pytest.mark.slow
+def test_fast_egat_trains_with_free_at_guard_and_bf16(data_dir, tmp_path):
+    params = params_from_dict({
+        "data": {"dir": str(data_dir), "embedded": {"per_class": 12}},
+        "train": {"steps": 6, "batch_size": 16, "eval_every": 3, "progress": False,
+                  "domains": ["grass"], "precision": "bf16",
+                  "guard": {"every": 2, "examples": 16}},
+        "attack": {"name": "free", "replays": 3},
+        "eval": {"attack": {"steps": 2}},
+    })
+    result = Trainer(params, tmp_path / "run").fit()
+    best = torch.load(result.best_checkpoint, weights_only=True)
+    assert 0 <= result.metrics["best_guard_acc"] <= 100
+    assert best["guard_acc"] == result.metrics["best_guard_acc"]
+    assert best["step"] == result.metrics["best_step"] in (2, 4, 6)
