@@ -91,6 +91,30 @@ def sensitivity_table(results: Results) -> tuple[pd.DataFrame, pd.DataFrame]:
     return cells, numbers
 
 
+def plot_sensitivity(numbers: pd.DataFrame, path: str | Path) -> Path:
+    """Table III as bars: OOD cAcc per row (run) for each train -> test pair, OOD mean as a line."""
+    pairs = [c for c in numbers.columns if " -> " in c and not c.endswith(" rank")]
+    rows = list(numbers.index)
+    fig = new_figure(max(6.0, 1.1 * len(rows) + 2.5), 4.4)
+    ax = fig.subplots()
+    width = 0.8 / max(len(pairs), 1)
+    for i, pair in enumerate(pairs):
+        offsets = [r + (i - (len(pairs) - 1) / 2) * width for r in range(len(rows))]
+        ax.bar(offsets, numbers[pair].reindex(rows), width, label=pair, color=f"C{i}")
+    if "OOD mean" in numbers and rows:
+        ax.plot(range(len(rows)), numbers["OOD mean"].reindex(rows), "k_", markersize=28,
+                markeredgewidth=2, label="OOD mean")
+    ax.set_xticks(range(len(rows)), rows)
+    ax.set(ylabel="OOD cAcc (%)", title="Sensitivity of EGAT (Table III): OOD cAcc per test domain")
+    ax.grid(axis="y", alpha=0.3)
+    if not rows:
+        ax.text(0.5, 0.5, "no sensitivity runs yet (studies.train)", ha="center", transform=ax.transAxes)
+    else:
+        fig.legend(loc="outside lower center", ncols=min(len(pairs) + 1, 4), fontsize=8)
+    save_png(fig, Path(path))
+    return Path(path)
+
+
 def ablation_table(results: Results) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Table IV: in-domain cAcc, aAcc, Comp, Suff per training domain; (cells, numbers)."""
     return in_domain_outputs(*in_domain_table(results))
@@ -282,6 +306,7 @@ def build_studies(params: Params, evals_dir: str | Path = "evals", out_dir: str 
         f"(noisy_<sigma>), with golden masks as guides (golden). {caption}{missing_note(missing)}",
         cells))
     write("table3_sensitivity.csv", csv_text(numbers))
+    files.append(plot_sensitivity(numbers, out / "table3_sensitivity.png"))
     metrics.update({f"sensitivity/{n}/ood_cacc": float(v) for n, v in numbers["OOD mean"].items()})
 
     abl, missing = subset(results, st.ablation)

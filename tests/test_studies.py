@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 import cv2
+import pandas as pd
 import pytest
 
 from egat.config import params_from_dict
 from egat.errors import EgatError, ParamsError
 from egat.studies import (
-    Point, ablation_table, load_study_results, pareto_front, plot_pareto, sensitivity_table,
-    subset, variant_params,
+    Point, ablation_table, load_study_results, pareto_front, plot_pareto, plot_sensitivity,
+    sensitivity_table, subset, variant_params,
 )
 
 DOMAINS = ["grass", "gravel", "brick"]
@@ -96,6 +97,16 @@ def test_sensitivity_table_ranks_the_rows_ood(evals):
     assert cells.loc["ig", "grass -> gravel"] == "72.00 [1]" and cells.loc["ig", "OOD mean"] == "69.00"
 
 
+def test_plot_sensitivity_draws_every_row_and_handles_no_rows(evals, tmp_path):
+    _, numbers = sensitivity_table(subset(load_study_results(evals), ["egat", "ig"])[0])
+    six = pd.concat([numbers.rename(index=lambda n, k=k: f"{n}{k}") for k in range(3)])
+    small = cv2.imread(str(plot_sensitivity(numbers.iloc[:1], tmp_path / "one.png")))
+    wide = cv2.imread(str(plot_sensitivity(six, tmp_path / "six.png")))
+    assert wide.shape[1] > small.shape[1]  # the figure grows with the rows
+    empty = plot_sensitivity(numbers.iloc[:0], tmp_path / "none.png")
+    assert cv2.imread(str(empty)) is not None
+
+
 def test_ablation_table_reports_in_domain_metrics(evals):
     rows, missing = subset(load_study_results(evals), ["erm", "wo_egl", "wo_at", "egat"])
     assert missing == ["wo_egl"] and rows.methods == ["erm", "wo_at", "egat"]
@@ -173,7 +184,7 @@ def test_study_stages_end_to_end(tmp_path, monkeypatch):
         "method", "erm", "wo_at", "egat"]
     runtime = (reports / "fig3_runtime.csv").read_text()
     assert {"erm", "egat", "smoothgrad"} <= {line.split(",")[0] for line in runtime.splitlines()[1:]}
-    for png in ("fig3_runtime.png", "fig4_case_study.png"):
+    for png in ("table3_sensitivity.png", "fig3_runtime.png", "fig4_case_study.png"):
         assert cv2.imread(str(reports / png)) is not None
     import mlflow
 
