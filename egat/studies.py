@@ -157,7 +157,12 @@ def plot_pareto(points: Sequence[Point], path: str | Path, title: str = "",
     ax.scatter([p.time for p in front], [p.accuracy for p in front], s=140, facecolors="none",
                edgecolors="0.2", linewidths=1.2, zorder=4)
     if max(p.time for p in points) / max(min(p.time for p in points), 1e-12) > 20:
-        ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_xscale("log")  # plain numbers at 1, 2, 5 x 10^k: the default labels overlap
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
