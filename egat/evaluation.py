@@ -28,6 +28,7 @@ from egat.metrics import (
 )
 from egat.models import Classifier
 from egat.resources import suggest_batch_size_on_oom
+from egat.seeding import seeded_scope
 
 
 def _loader(params: Params, splits: dict, domains: list[str]) -> DataLoader:
@@ -47,8 +48,7 @@ def _seeded(fn):
     @functools.wraps(fn)
     def wrapper(model: Classifier, params: Params, loader, device):
         device = torch.device(device)
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            torch.manual_seed(params.train.seed)
+        with seeded_scope(params.train.seed, device):
             return fn(model, params, loader, device)
 
     return wrapper

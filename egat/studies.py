@@ -20,6 +20,7 @@ import pandas as pd
 
 from egat.config import Params, apply_overrides, params_from_dict
 from egat.errors import EgatError
+from egat.seeding import seeded_scope
 from egat.report import (
     Results, csv_text, find_eval_files, in_domain_outputs, in_domain_table, load_runs,
     markdown_table, method_colors, new_figure, ood_outputs, ood_table, over_seeds,
@@ -254,8 +255,8 @@ def plot_case_study(params: Params, names: Sequence[str], path: str | Path) -> l
         model, _, _ = model_from_checkpoint(ckpt)
         model.eval()
         explainer = build_explainer(params.eval.explainer, model, params.explainer)
-        torch.manual_seed(params.train.seed)  # the attack's random start
-        x_adv = build_attack(model, params.eval.attack)(x, y)
+        with seeded_scope(params.train.seed):  # the attack's random start, as in evaluation
+            x_adv = build_attack(model, params.eval.attack)(x, y)
         with torch.no_grad():
             preds = [model(x).argmax(1), model(x_adv).argmax(1)]
         maps = [explainer.attribute(x, y), explainer.attribute(x_adv, y)]
@@ -302,27 +303,28 @@ def build_studies(params: Params, evals_dir: str | Path = "evals", out_dir: str 
         io.write_text(out / name, text)
         files.append(out / name)
 
-    sens, missing = subset(results, st.sensitivity)
-    cells, numbers = sensitivity_table(sens)
-    write("table3_sensitivity.md", markdown_table(
+    def table(stem: str, rows: Sequence[str], build, title: str, text: str):
+        """Table ``stem`` (.md and .csv) of the runs ``rows``; returns (those runs, numbers)."""
+        chosen, missing = subset(results, rows)
+        cells, numbers = build(chosen)
+        write(f"{stem}.md", markdown_table(title, f"{text} {caption}{missing_note(missing)}", cells))
+        write(f"{stem}.csv", csv_text(numbers))
+        return chosen, numbers
+
+    _, numbers = table(
+        "table3_sensitivity", st.sensitivity, sensitivity_table,
         "Table III: sensitivity of EGAT to the explanation method and the guides",
         "OOD cAcc (%) per train -> test domain, [rank] among the rows. Rows: EGAT with Grad-CAM "
         "and grayscale guides (egat), with other explainers, with guide noise N(0, sigma^2) "
-        f"(noisy_<sigma>), with golden masks as guides (golden). {caption}{missing_note(missing)}",
-        cells))
-    write("table3_sensitivity.csv", csv_text(numbers))
+        "(noisy_<sigma>), with golden masks as guides (golden).")
     files.append(plot_sensitivity(numbers, out / "table3_sensitivity.png"))
     metrics.update({f"sensitivity/{n}/ood_cacc": float(v) for n, v in numbers["OOD mean"].items()})
 
-    abl, missing = subset(results, st.ablation)
-    cells, numbers = ablation_table(abl)
-    write("table4_ablation.md", markdown_table(
-        "Table IV: ablation",
+    abl, _ = table(
+        "table4_ablation", st.ablation, ablation_table, "Table IV: ablation",
         "In-domain test metrics per training domain: cAcc/aAcc (%), Comp (higher is better), "
         "Suff (lower is better). w/o EGL: no explanation guidance (lambda_egl = 0, no explanation "
-        f"terms in L_mix); w/o AT: no adversarial term (lambda_adv = 0). {caption}"
-        f"{missing_note(missing)}", cells))
-    write("table4_ablation.csv", csv_text(numbers))
+        "terms in L_mix); w/o AT: no adversarial term (lambda_adv = 0).")
     mean, _ = over_seeds(per_seed_means(abl.domains), ["method"])
     for name, row in mean.iterrows():
         metrics.update({f"ablation/{name}/{k}": float(row[f"id_{k}"])

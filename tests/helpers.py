@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from egat.config import params_from_dict
+from egat import stages
+from egat.config import Params, params_from_dict
 from egat.models import Classifier
 
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
@@ -70,8 +71,6 @@ def tiny_folder_data(root: Path, size: int = 16, per_class: int = 10) -> dict:
     import cv2
     import numpy as np
 
-    from egat import stages
-
     rng = np.random.default_rng(0)
     for domain in ("d1", "d2"):
         for cls in ("a", "b", "c"):
@@ -81,7 +80,16 @@ def tiny_folder_data(root: Path, size: int = 16, per_class: int = 10) -> dict:
                 cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 256, (size, size, 3), np.uint8))
     overrides = {"data": {"name": "folder", "folder_root": str(root / "tree"),
                           "dir": str(root / "data"), "image_size": size}}
-    params = params_from_dict(overrides)
+    prepared(overrides)
+    return overrides
+
+
+def prepared(raw: dict, data_dir: Path | None = None) -> Params:
+    """Params from ``raw`` (with ``data.dir = data_dir`` when given) after the prepare and guides
+    stages have built that dataset."""
+    if data_dir is not None:
+        raw = {**raw, "data": {**raw.get("data", {}), "dir": str(data_dir)}}
+    params = params_from_dict(raw)
     stages.prepare(params)
     stages.guides(params)
-    return overrides
+    return params

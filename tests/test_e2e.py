@@ -10,7 +10,7 @@ import os
 import pytest
 
 from egat import stages
-from egat.config import params_from_dict
+from tests.helpers import prepared
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +29,7 @@ def results(tmp_path_factory):
     os.chdir(root)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     try:
-        params = params_from_dict(BUDGET)
-        stages.prepare(params)
-        stages.guides(params)
+        params = prepared(BUDGET)
         out = {}
         for method in ("erm", "egat"):
             stages.train_run(params, method, "grass", 0)

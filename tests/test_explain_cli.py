@@ -5,12 +5,11 @@ import cv2
 import numpy as np
 import pytest
 
-from egat import stages
 from egat.cli import main
-from egat.config import params_from_dict
 from egat.heatmaps import output_paths, overlay
 from egat.tracking.mlflow_tracker import MlflowTracker
 from egat.train import Trainer
+from tests.helpers import prepared
 
 TINY = {
     "data": {"embedded": {"per_class": 10}},
@@ -24,9 +23,7 @@ TINY = {
 def trained(tmp_path_factory):
     """(checkpoint, MLflow run id, tracking URI, an image file) of a 2-step ERM run."""
     root = tmp_path_factory.mktemp("explain")
-    params = params_from_dict({**TINY, "data": {**TINY["data"], "dir": str(root / "data")}})
-    stages.prepare(params)
-    stages.guides(params)
+    params = prepared(TINY, root / "data")
     ckpt = Trainer(params, root / "run").fit().best_checkpoint
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from egat import stages
 from egat.attacks import FGSMRandomStart, FreePerturbation, build_attack
 from egat.config import AttackParams, params_from_dict
 from egat.errors import ParamsError
@@ -20,7 +19,7 @@ from egat.train import Trainer
 from egat.train.guard import OverfitGuard
 from egat.train.precision import Precision, compile_backbone
 from egat.train.sampler import StepBatchSampler
-from tests.helpers import tiny_classifier
+from tests.helpers import prepared, tiny_classifier
 
 EPS = 0.1
 
@@ -172,16 +171,11 @@ def test_compile_backbone_keeps_state_dict_keys_outputs_and_gradients():
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("fast_at") / "data"
-    wheel = Path("/work/main/data/raw/animal_mnist-0.4-py3-none-any.whl")
-    local = Path(__file__).resolve().parents[1] / "data" / "raw" / wheel.name
-    for source in (local, wheel):  # offline: the cached wheel, where there is one
-        if source.is_file():
-            (root / "raw").mkdir(parents=True)
-            shutil.copy(source, root / "raw")
-            break
-    params = params_from_dict({"data": {"dir": str(root), "embedded": {"per_class": 12}}})
-    stages.prepare(params)
-    stages.guides(params)
+    wheel = Path(__file__).resolve().parents[1] / "data/raw/animal_mnist-0.4-py3-none-any.whl"
+    if wheel.is_file():  # offline: the repo's cached wheel, where there is one
+        (root / "raw").mkdir(parents=True)
+        shutil.copy(wheel, root / "raw")
+    prepared({"data": {"embedded": {"per_class": 12}}}, root)
     return root
 
 

@@ -19,6 +19,7 @@ import yaml
 from egat import stages
 from egat.config import load_params, params_from_dict
 from egat.errors import EgatError
+from tests.helpers import prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -166,9 +167,7 @@ def test_training_logs_to_a_real_mlflow_server(tmp_path, monkeypatch, capfd):
         # Credentials in the URI (the server ignores them) must not reach logs, params or files.
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.replace("//", "//egat:s3cr3t@"))
         monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
-        params = params_from_dict({**TINY, "study": {}})
-        stages.prepare(params)
-        stages.guides(params)
+        params = prepared({**TINY, "study": {}})
         stages.train_run(params, "erm", "grass", 0)
         body = json.dumps({"experiment_ids": ["0", "1"], "max_results": 10}).encode()
         req = urllib.request.Request(f"{uri}/api/2.0/mlflow/runs/search", body,

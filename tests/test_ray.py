@@ -22,12 +22,11 @@ import pytest
 import torch
 import yaml
 
-from egat import stages
 from egat.config import Params, params_from_dict
 from egat.errors import EgatError
 from egat.train import distributed
 from egat.train.launch import choose_backend, fit
-from tests.helpers import RAY_ENV, ray_test_env
+from tests.helpers import RAY_ENV, prepared, ray_test_env
 
 STEPS = 8
 
@@ -55,10 +54,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(env) -> Params:
-    params = params_from_dict(tiny_raw(env))
-    stages.prepare(params)
-    stages.guides(params)
-    return params
+    return prepared(tiny_raw(env))
 
 
 def with_train(params: Params, **train) -> Params:

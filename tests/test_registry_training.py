@@ -2,15 +2,14 @@
 and evaluates on every domain, through the same Trainer and evaluation the pipeline uses."""
 
 import math
-import os
 
 import pytest
 
-from egat import stages
 from egat.config import params_from_dict
 from egat.evaluation import evaluate_checkpoint
 from egat.methods import method_registry
 from egat.train import Trainer
+from tests.helpers import prepared
 
 TINY = {
     "data": {"embedded": {"per_class": 12}},
@@ -25,9 +24,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
-    params = params_from_dict({**TINY, "data": {**TINY["data"], "dir": str(root / "data")}})
-    stages.prepare(params)
-    stages.guides(params)
+    prepared(TINY, root / "data")
     return root / "data"
 
 

@@ -17,6 +17,7 @@ from egat.studies import (
     Point, ablation_table, load_study_results, pareto_front, plot_pareto, plot_sensitivity,
     sensitivity_table, subset, variant_params,
 )
+from tests.helpers import prepared
 
 DOMAINS = ["grass", "gravel", "brick"]
 
@@ -154,9 +155,7 @@ def test_study_stages_end_to_end(tmp_path, monkeypatch):
     listed = subprocess.run([dvc, "stage", "list"], capture_output=True, text=True, check=True).stdout
     for stage in ("variant_train@wo_at-grass-0", "variant_evaluate@noisy_0.1-grass-0", "studies"):
         assert stage in listed, listed
-    params = params_from_dict(yaml.safe_load((tmp_path / "params.yaml").read_text()))
-    stages.prepare(params)
-    stages.guides(params)
+    params = prepared(yaml.safe_load((tmp_path / "params.yaml").read_text()))
 
     def run(*args):
         with pytest.raises(SystemExit) as exit_:

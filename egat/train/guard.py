@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, default_collate
 
 from egat.attacks import build_attack, model_mode
 from egat.config import Params
+from egat.seeding import seeded_scope
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,7 @@ class OverfitGuard:
         return step % self.cfg.every == 0 or step == self.params.train.steps
 
     def accuracy(self, model: torch.nn.Module) -> float:
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), model_mode(model, "eval"):
-            torch.manual_seed(self.params.train.seed)
+        with seeded_scope(self.params.train.seed, self.device), model_mode(model, "eval"):
             x_adv = build_attack(model, self.params.eval.attack)(self.images, self.labels)
             with torch.no_grad():
                 correct = (model(x_adv).argmax(1) == self.labels).float().mean()

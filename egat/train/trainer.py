@@ -28,6 +28,7 @@ from egat.methods import build_method
 from egat.metrics.accuracy import evaluate_accuracy
 from egat.models import Classifier, build_model
 from egat.resources import suggest_batch_size_on_oom
+from egat.seeding import seeded_scope
 from egat.tracking import NullTracker, Tracker
 from egat.train.guard import OverfitGuard
 from egat.train.precision import Precision, compile_backbone
@@ -115,9 +116,7 @@ def validation_metrics(model: Classifier, params: Params, loader, device: torch.
         return {"val/acc": acc["clean"]}
     from egat.attacks import build_attack
 
-    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(t.seed)
+    with seeded_scope(t.seed, device):
         attacks = {}
         if "aacc" in t.val_metrics:
             attacks["aacc"] = build_attack(model, params.eval.attack)
