@@ -167,6 +167,9 @@ class ModelParams(Strict):
     pretrained: str = "none"  # none | imagenet | path to a local state_dict
     dropout: float = Field(0.1, ge=0, lt=1)
     channels_last: bool = True  # NHWC activations (faster convolutions)
+    # Resize inputs to this many px inside the model (bilinear); null = the data's size. For the
+    # stride-32 ImageNet backbones on small images (at 32 px their map is 1x1, every CAM constant).
+    input_size: int | None = Field(None, ge=8, le=1024)
 
 
 class AttackParams(Strict):

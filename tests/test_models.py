@@ -84,3 +84,28 @@ def test_channels_last_computes_the_same_function():
     x = torch.rand(3, 3, 32, 32)
     assert fast.features(x).is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(plain(x), fast(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "efficientnet_b0"])
+def test_input_size_gives_imagenet_backbones_a_spatial_map_on_small_images(name):
+    torch.manual_seed(0)
+    model = build_model(name, 3).eval()
+    resized = build_model(name, 3, input_size=64).eval()
+    resized.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    assert model.features(x).shape[-2:] == (1, 1)  # stride 32: a constant CAM
+    feats = resized.features(x)
+    assert feats.shape[-2:] == (2, 2)
+    up = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+    assert torch.allclose(feats, model.features(up), atol=1e-5)
+    (grad,) = torch.autograd.grad(resized(x)[:, 0].sum(), x)  # attacks stay in the data's pixels
+    assert grad.shape == x.shape and grad.abs().sum() > 0
+
+
+def test_input_size_param_is_validated():
+    from egat.config import load_params
+    from egat.errors import ParamsError
+
+    with pytest.raises(ParamsError, match=r"model\.input_size"):
+        load_params(None, ["model.input_size=4"])
+    assert load_params(None, ["model.input_size=64"]).model.input_size == 64

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from egat.errors import EgatError
@@ -41,6 +42,16 @@ class Classifier(nn.Module):
         self.fc = nn.Linear(num_features, num_classes)
         self.num_classes = num_classes
         self.memory_format = torch.contiguous_format
+        self.input_size: int | None = None  # see resize_inputs
+
+    def resize_inputs(self, size: int | None) -> "Classifier":
+        """Bilinearly resize every input to ``size`` px inside the model (None: as given).
+
+        ImageNet backbones have stride 32: on 32 px images their map is 1x1 and every CAM is
+        constant, so they see the images upsampled. Attacks, guides and maps keep the data's size.
+        """
+        self.input_size = size
+        return self
 
     def to_channels_last(self) -> "Classifier":
         """NHWC activations: oneDNN (CPU) and cuDNN convolutions run markedly faster this way
@@ -50,6 +61,8 @@ class Classifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map A of the last conv block, (B, C, h, w): Grad-CAM's target layer."""
+        if self.input_size is not None and x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
         return self.backbone(((x - self.mean) / self.std).contiguous(memory_format=self.memory_format))
 
     def head(self, feats: torch.Tensor) -> torch.Tensor:
@@ -65,14 +78,17 @@ def build_model(
     pretrained: str = "none",
     dropout: float = 0.1,
     channels_last: bool = False,
+    input_size: int | None = None,
     **kwargs,
 ) -> Classifier:
-    """Create a registered model. ``pretrained``: none | imagenet | path to a local state_dict."""
+    """Create a registered model. ``pretrained``: none | imagenet | path to a local state_dict;
+    ``input_size``: the size inputs are resized to inside the model (None: as given)."""
     factory = model_registry.get(name)
     imagenet = pretrained == "imagenet"
     model = factory(num_classes=num_classes, dropout=dropout, imagenet=imagenet, **kwargs)
     if pretrained not in ("none", "imagenet"):
         load_backbone_state_dict(model, name, Path(pretrained))
+    model.resize_inputs(input_size)
     return model.to_channels_last() if channels_last else model
 
 

@@ -149,7 +149,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[Classifier, Params, dict]:
     params = params_from_dict(ckpt["params"], source=str(path))
     model = build_model(
         params.model.name, len(ckpt["classes"]), pretrained="none", dropout=params.model.dropout,
-        channels_last=params.model.channels_last,
+        channels_last=params.model.channels_last, input_size=params.model.input_size,
     )
     model.load_state_dict(ckpt["model"])
     return model, params, ckpt
@@ -180,7 +180,7 @@ class Trainer:
         val_ds = build_dataset(p, splits, domains, "val")
         model = build_model(
             p.model.name, len(splits["classes"]), p.model.pretrained, p.model.dropout,
-            channels_last=p.model.channels_last,
+            channels_last=p.model.channels_last, input_size=p.model.input_size,
         ).to(self.device)
         method = build_method(model, p)
         optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
