@@ -1,9 +1,11 @@
 """Fast EGAT on the embedded benchmark: EGAT trained with PGD-10, FGSM-RS and free AT.
 
-Each variant trains with params.yaml's defaults (small_resnet, 150 steps, batch 32, eps 8/255) on
-``--domain``, one run per seed, sequentially, in a temporary run folder; best.pt (the guard's pick
-for the fast variants, best validation accuracy for PGD-10) is then evaluated on that domain's
-test split: clean accuracy and accuracy under PGD-20 (alpha 2/255, random start). Goal (issue 7):
+Each variant trains with its studies run's params (params.yaml ``studies.variants``: PGD-10 EGAT
+is the default 150 steps at a constant lr; fgsm_rs is Wong et al.'s recipe with a cyclic lr and
+fewer steps) on ``--domain``, one run per seed, the variants in turn, in a temporary run folder;
+best.pt (the guard's pick for the fast variants, best validation accuracy otherwise) is then
+evaluated on that domain's test split: clean accuracy and accuracy under PGD-20 (alpha 2/255,
+random start). Goal (issue 7):
 a fast variant keeps >= 95% of PGD-10 EGAT's PGD-20 accuracy at <= 0.35x its training time.
 
     python -m benchmarks.fast_egat --seeds 0 1 2 --data-dir /path/to/prepared/data
@@ -33,6 +35,8 @@ from egat.train.trainer import Trainer, model_from_checkpoint
 VARIANTS = {
     "egat_pgd10": ("egat", []),
     "egat_fgsm_rs": ("fgsm_rs", []),
+    # PGD-10 on the fast variant's schedule (cyclic lr, steps): how much of its accuracy is the lr's
+    "egat_pgd10_cyclic": ("fgsm_rs", ["attack.name=pgd", "train.guard.every=0"]),
     "egat_free": ("free_at", []),
     "egat_free_m2": ("free_at", ["attack.replays=2"]),
 }

@@ -227,6 +227,10 @@ class TrainParams(Strict):
     steps: int = Field(150, ge=1)
     batch_size: int = Field(32, ge=2)
     lr: float = Field(1e-3, gt=0)
+    # constant, or onecycle: linear warm-up to lr at lr_peak of the steps, then linear decay to ~0
+    # (the cyclic schedule of Wong et al. 2020's fast adversarial training)
+    lr_schedule: Literal["constant", "onecycle"] = "constant"
+    lr_peak: float = Field(0.4, gt=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     eval_every: int = Field(50, ge=1)
     val_batches: int = Field(0, ge=0)  # 0 = the whole validation split

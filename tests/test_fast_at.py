@@ -194,3 +194,52 @@ def test_fast_egat_trains_with_free_at_guard_and_bf16(data_dir, tmp_path):
     assert 0 <= result.metrics["best_guard_acc"] <= 100
     assert best["guard_acc"] == result.metrics["best_guard_acc"]
     assert best["step"] == result.metrics["best_step"] in (2, 4, 6)
+
+
+def test_onecycle_lr_is_the_linear_triangle_of_fast_at():
+    from egat.config import TrainParams
+    from egat.train.trainer import lr_scheduler
+
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([param], lr=1.0)
+    assert lr_scheduler(optimizer, TrainParams(lr=1.0)) is None  # constant: no scheduler
+    scheduler = lr_scheduler(optimizer, TrainParams(steps=10, lr=1.0, lr_schedule="onecycle",
+                                                    lr_peak=0.4))
+    seen = []
+    for _ in range(10):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # Up from lr/25 to lr over the first 40% of the steps (steps 0..3), then down to lr/25/1e4.
+    start, end = 1 / 25, 1 / 25 / 1e4
+    hand = [start + (1 - start) * i / 3 for i in range(4)]
+    hand += [1 - (1 - end) * i / 6 for i in range(1, 7)]
+    assert seen == pytest.approx(hand, abs=1e-9)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_resumed_onecycle_run_ends_like_an_uninterrupted_one(data_dir, tmp_path):
+    params = params_from_dict({
+        "data": {"dir": str(data_dir), "embedded": {"per_class": 12}},
+        "train": {"method": "erm", "steps": 6, "batch_size": 16, "eval_every": 3,
+                  "checkpoint_every": 3, "progress": False, "domains": ["grass"],
+                  "lr_schedule": "onecycle"},
+    })
+    whole = Trainer(params, tmp_path / "whole").fit()
+
+    def stop_at_3(step, metrics, checkpointed):
+        if step == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        Trainer(params, tmp_path / "cut", on_report=stop_at_3).fit()
+    resumed = Trainer(params, tmp_path / "cut").fit()
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert b["scheduler"]["last_epoch"] == a["scheduler"]["last_epoch"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert resumed.metrics["best_val_acc"] == whole.metrics["best_val_acc"]

@@ -134,6 +134,17 @@ def validation_metrics(model: Classifier, params: Params, loader, device: torch.
     return out
 
 
+def lr_scheduler(optimizer: torch.optim.Optimizer, train) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """``train.lr_schedule``'s scheduler, stepped once per optimizer step (None: constant lr)."""
+    if train.lr_schedule == "constant":
+        return None
+    # Linear both ways and no momentum cycling: the triangular schedule of Wong et al. 2020.
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=train.lr, total_steps=train.steps, pct_start=train.lr_peak,
+        anneal_strategy="linear", cycle_momentum=False,
+    )
+
+
 def model_from_checkpoint(path: str | Path) -> tuple[Classifier, Params, dict]:
     from egat.config import params_from_dict
 
@@ -184,6 +195,7 @@ class Trainer:
         ).to(self.device)
         method = build_method(model, p)
         optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        scheduler = lr_scheduler(optimizer, t)
         if t.compile:
             compile_backbone(model)
         precision = Precision(t.precision, self.device)
@@ -199,6 +211,8 @@ class Trainer:
             if ckpt.get("fingerprint") == fingerprint:
                 model.load_state_dict(ckpt["model"])
                 optimizer.load_state_dict(ckpt["optimizer"])
+                if scheduler is not None:
+                    scheduler.load_state_dict(ckpt["scheduler"])
                 torch.set_rng_state(ckpt["rng"])
                 if ckpt.get("cuda_rng") and len(ckpt["cuda_rng"]) == torch.cuda.device_count():
                     torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
@@ -247,13 +261,16 @@ class Trainer:
             precision.backward(out.loss)
             self._sync_gradients(model)
             precision.step(optimizer)
+            if scheduler is not None:
+                scheduler.step()
             self._sync_buffers(model)
             state["step"] += 1
             step = state["step"]
             if step % 10 == 0 or step == t.steps:
                 acc = (out.logits.argmax(1) == batch["label"]).float().mean().item() * 100
                 logged = {f"train/{k}": v.item() for k, v in out.terms.items()}
-                logged.update({"train/loss": out.loss.item(), "train/acc": acc})
+                logged.update({"train/loss": out.loss.item(), "train/acc": acc,
+                               "train/lr": optimizer.param_groups[0]["lr"]})
                 self.tracker.log_metrics(logged, step)
                 latest.update({"train/loss": out.loss.item(), "train/acc": acc})
                 bar.set_postfix(loss=f"{out.loss.item():.3f}", best_val=f"{state['best_val_acc']:.1f}")
@@ -283,6 +300,7 @@ class Trainer:
                 if self.rank == 0:
                     io.torch_save(
                         {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
                          "rng": torch.get_rng_state(), "state": dict(state),
                          "cuda_rng": torch.cuda.get_rng_state_all()
                          if self.device.type == "cuda" else None,
