@@ -94,6 +94,13 @@ class Attack:
         """The attack itself; ``x`` is detached and the model is already in the attack's mode."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """State a resumed training run restores to continue exactly (stateless attacks: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+
     def input_gradient(self, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """d CE(model(x_adv), y) / d x_adv, (B, C, H, W).
 

@@ -49,12 +49,20 @@ class FreePerturbation(Attack):
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = x.detach()
-        if self.delta is None or self.delta.shape != x.shape or self.delta.device != x.device:
+        if self.delta is not None and self.delta.device != x.device:  # restored from a checkpoint
+            self.delta = self.delta.to(x.device)
+        if self.delta is None or self.delta.shape != x.shape:
             self.delta = torch.zeros_like(x)
         x_adv = (x + self.delta).clamp_(0.0, 1.0)
         if torch.is_grad_enabled() and self.eps > 0:
             x_adv.requires_grad_(True).register_hook(self._ascend)
         return x_adv
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.delta is None else {"delta": self.delta.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.delta = state.get("delta")
 
     def _ascend(self, grad: torch.Tensor) -> None:
         with torch.no_grad():

@@ -49,6 +49,17 @@ class Method:
     def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """Training state beyond the weights and ``step`` that a resumed run restores: the
+        training attack's (free AT's persistent perturbation)."""
+        attack = getattr(self, "attack", None)
+        return {"attack": attack.state_dict()} if attack is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        attack = getattr(self, "attack", None)
+        if attack is not None:
+            attack.load_state_dict(state.get("attack", {}))
+
     @property
     def batch_replays(self) -> int:
         """Consecutive training steps on each minibatch: the training attack's (free AT: m)."""

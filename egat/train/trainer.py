@@ -218,6 +218,8 @@ class Trainer:
                     torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
                 state.update(ckpt["state"])
                 method.step = state["step"]  # step-scheduled losses (IRM's annealing) continue
+                method.load_state_dict(ckpt["method"])
+                precision.load_state_dict(ckpt["precision"])
                 log.warning("resuming %s from step %d", self.run_dir, state["step"])
             else:
                 log.warning("%s holds a run with other params: starting afresh", last)
@@ -301,6 +303,7 @@ class Trainer:
                     io.torch_save(
                         {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                         "method": method.state_dict(), "precision": precision.state_dict(),
                          "rng": torch.get_rng_state(), "state": dict(state),
                          "cuda_rng": torch.cuda.get_rng_state_all()
                          if self.device.type == "cuda" else None,
