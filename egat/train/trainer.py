@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from egat import io
-from egat.config import Params
+from egat.config import Params, TrainParams
 from egat.data import DomainDataset, read_splits
 from egat.errors import EgatError
 from egat.methods import build_method
@@ -134,7 +134,9 @@ def validation_metrics(model: Classifier, params: Params, loader, device: torch.
     return out
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, train) -> torch.optim.lr_scheduler.LRScheduler | None:
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, train: TrainParams
+) -> torch.optim.lr_scheduler.LRScheduler | None:
     """``train.lr_schedule``'s scheduler, stepped once per optimizer step (None: constant lr)."""
     if train.lr_schedule == "constant":
         return None
