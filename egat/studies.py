@@ -94,14 +94,16 @@ def sensitivity_table(results: Results) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def plot_sensitivity(numbers: pd.DataFrame, path: str | Path) -> Path:
     """Table III as bars: OOD cAcc per row (run) for each train -> test pair, OOD mean as a line."""
-    pairs = [c for c in numbers.columns if " -> " in c and not c.endswith(" rank")]
+    pairs = [c for c in numbers.columns if " -> " in c and not c.endswith((" rank", " std"))]
     rows = list(numbers.index)
     fig = new_figure(max(6.0, 1.1 * len(rows) + 2.5), 4.4)
     ax = fig.subplots()
     width = 0.8 / max(len(pairs), 1)
     for i, pair in enumerate(pairs):
         offsets = [r + (i - (len(pairs) - 1) / 2) * width for r in range(len(rows))]
-        ax.bar(offsets, numbers[pair].reindex(rows), width, label=pair, color=f"C{i}")
+        std = numbers.get(f"{pair} std")  # over seeds: error bars where there are several
+        yerr = std.reindex(rows).fillna(0) if std is not None else None
+        ax.bar(offsets, numbers[pair].reindex(rows), width, yerr=yerr, label=pair, color=f"C{i}")
     if "OOD mean" in numbers and rows:
         ax.plot(range(len(rows)), numbers["OOD mean"].reindex(rows), "k_", markersize=28,
                 markeredgewidth=2, label="OOD mean")

@@ -108,6 +108,17 @@ def test_plot_sensitivity_draws_every_row_and_handles_no_rows(evals, tmp_path):
     assert cv2.imread(str(empty)) is not None
 
 
+def test_plot_sensitivity_draws_one_bar_series_per_domain_pair(evals, tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    labels, bar = [], Axes.bar
+    monkeypatch.setattr(Axes, "bar", lambda ax, *a, **k: labels.append(k["label"]) or bar(ax, *a, **k))
+    _, numbers = sensitivity_table(subset(load_study_results(evals), ["egat", "ig"])[0])
+    assert "grass -> brick std" in numbers.columns  # seed std columns: error bars, not series
+    plot_sensitivity(numbers, tmp_path / "t.png")
+    assert labels == [c for c in numbers.columns if c.startswith("grass -> ") and c.count(" ") == 2]
+
+
 def test_ablation_table_reports_in_domain_metrics(evals):
     rows, missing = subset(load_study_results(evals), ["erm", "wo_egl", "wo_at", "egat"])
     assert missing == ["wo_egl"] and rows.methods == ["erm", "wo_at", "egat"]
