@@ -5,8 +5,8 @@ is the default 150 steps at a constant lr; fgsm_rs is Wong et al.'s recipe with 
 fewer steps) on ``--domain``, one run per seed, the variants in turn, in a temporary run folder;
 best.pt (the guard's pick for the fast variants, best validation accuracy otherwise) is then
 evaluated on that domain's test split: clean accuracy and accuracy under PGD-20 (alpha 2/255,
-random start). Goal (issue 7):
-a fast variant keeps >= 95% of PGD-10 EGAT's PGD-20 accuracy at <= 0.35x its training time.
+random start). Goal (issue 7): a fast variant keeps >= 95% of PGD-10 EGAT's PGD-20 accuracy at
+<= 0.35x its training time.
 
     python -m benchmarks.fast_egat --seeds 0 1 2 --data-dir /path/to/prepared/data
 """
