@@ -13,6 +13,7 @@ from egat.models.classifier import Classifier
 from egat.registry import Registry
 
 if TYPE_CHECKING:
+    from egat.attacks import Attack
     from egat.config import Params
 
 method_registry: Registry[type["Method"]] = Registry("method")
@@ -39,6 +40,7 @@ class Method:
     """
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    attack: "Attack | None" = None  # the training-time attack, where the method has one
 
     def __init__(self, model: Classifier, config: MethodConfig, params: "Params"):
         self.model = model
@@ -52,19 +54,16 @@ class Method:
     def state_dict(self) -> dict:
         """Training state beyond the weights and ``step`` that a resumed run restores: the
         training attack's (free AT's persistent perturbation)."""
-        attack = getattr(self, "attack", None)
-        return {"attack": attack.state_dict()} if attack is not None else {}
+        return {"attack": self.attack.state_dict()} if self.attack is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        attack = getattr(self, "attack", None)
-        if attack is not None:
-            attack.load_state_dict(state.get("attack", {}))
+        if self.attack is not None:
+            self.attack.load_state_dict(state.get("attack", {}))
 
     @property
     def batch_replays(self) -> int:
         """Consecutive training steps on each minibatch: the training attack's (free AT: m)."""
-        attack = getattr(self, "attack", None)
-        return attack.replays if attack is not None else 1
+        return self.attack.replays if self.attack is not None else 1
 
 
 def build_method(model: Classifier, params: "Params", name: str | None = None) -> Method:
