@@ -2,7 +2,8 @@
 # Both create or reuse the venv in $(VENV); installs are skipped when nothing changed.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The torch/torchvision pair measured to work on the CPU machines (SPEC section 7).
+# The torch/torchvision pair measured to work on the CPU machines (the CPU torch 2.13 wheel
+# does not work with PyPI's torchvision: operator torchvision::nms does not exist).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export DVC_NO_ANALYTICS=1
 export RAY_USAGE_STATS_ENABLED=0

@@ -137,9 +137,10 @@ def train_cell(config, overrides, method, variant, domain, seed) -> None:
 def evaluate_cell(config, overrides, method, variant, domain, seed) -> None:
     """Stages `evaluate`/`variant_evaluate`: test one run on every domain, tracked in MLflow."""
     from egat import stages
+    from egat.run_layout import evals_root
 
     params, method = _cell_params(_params(config, overrides), method, variant)
-    root = "evals" if variant is None else "evals/variants"
+    root = evals_root(variant is not None)
     metrics = stages.evaluate_run(params, method, domain, seed, name=variant, evals_root=root)
     click.echo(json.dumps(metrics["summary"], indent=1))
 
@@ -155,7 +156,8 @@ def report(config, overrides, runs: str, out: str) -> None:
     from egat.report import build_report
 
     params = _params(config, overrides)
-    for path in build_report(runs, out, methods_order=params.study.methods):
+    for path in build_report(runs, out, methods_order=params.study.methods,
+                             references=params.study.references):
         click.echo(path)
 
 

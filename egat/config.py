@@ -43,21 +43,41 @@ class EmbeddedParams(Strict):
     image_size: int = Field(32, ge=32, le=64)
     object_size: int = Field(24, ge=8)
     jitter: int = Field(4, ge=0)
-    tint_strength: float = Field(0.25, ge=0, le=1)
-    # P(background tint = the class's tint in this domain); each domain also permutes the tints.
-    tint_match: list[float] = [0.9, 0.8, 0.7, 0.6]
+    # The spurious cue: a corner patch (removable by guidance), the whole background tinted (the
+    # negative control: it reaches the object's features through the receptive field), or none.
+    cue: Literal["patch", "tint", "none"] = "patch"
+    # P(the cue shows the class's own colour in this domain); each domain also permutes the colours.
+    cue_match: list[float] = [0.9, 0.8, 0.7, 0.6]
+    patch_size: int = Field(5, ge=1)  # side in px of the corner patch (cue: patch)
+    patch_strength: float = Field(0.6, gt=0, le=1)  # patch colour = strength * the cue colour
+    tint_strength: float = Field(0.25, ge=0, le=1)  # cue: tint
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "tint_match" in data:
+            raise ValueError("tint_match was renamed cue_match (it applies to every cue)")
+        return data
 
     @model_validator(mode="after")
     def _lengths(self):
-        if len(self.tint_match) != len(self.domains):
+        if len(self.cue_match) != len(self.domains):
             raise ValueError(
-                f"tint_match has {len(self.tint_match)} entries but domains has {len(self.domains)}"
+                f"cue_match has {len(self.cue_match)} entries but domains has {len(self.domains)}"
             )
-        if any(not 0.0 <= p <= 1.0 for p in self.tint_match):
-            raise ValueError("tint_match entries must lie in [0, 1]")
+        if any(not 0.0 <= p <= 1.0 for p in self.cue_match):
+            raise ValueError(f"cue_match entries must lie in [0, 1], got {self.cue_match}")
         if self.object_size + 2 * self.jitter > self.image_size:
             raise ValueError("object_size + 2*jitter must fit in image_size")
+        # A corner square clear of the object's box exists only when the object can sit far enough
+        # from that corner: its margin (image_size - object_size) / 2 plus the jitter.
+        room = (self.image_size - self.object_size) // 2 + self.jitter
+        if self.cue == "patch" and self.patch_size > room:
+            raise ValueError(
+                f"patch_size={self.patch_size} cannot fit beside a {self.object_size} px object in "
+                f"{self.image_size} px images (jitter {self.jitter}); use patch_size <= {room}"
+            )
         return self
 
 
@@ -217,13 +237,21 @@ class GuardParams(Strict):
     the highest guard accuracy, and a drop of ``collapse_drop`` points below it logs a warning."""
 
     every: int = Field(0, ge=0)  # steps between checks; 0 = off
-    examples: int = Field(128, ge=1)  # the first N validation images
+    examples: int = Field(128, ge=1)  # validation images (a stratified subset)
     collapse_drop: float = Field(20.0, gt=0)  # percentage points below the best = a collapse
 
 
 class TrainParams(Strict):
     method: str = "egat"
     domains: list[str] = []  # training domains; empty = the dataset's first domain
+    # The images trained and validated on: observed, or the cue-free renders of the embedded
+    # benchmark (the oracle: what shape alone reaches with the same budget).
+    images: Literal["observed", "cue_free"] = "observed"
+    # Which checkpoint best.pt (the evaluated model) is: the best in-domain validation accuracy
+    # (val), the last step (last), or the best accuracy on the cue-free renders of the training
+    # domains' validation split (cue_free_val: a counterfactual validation set; it never sees a
+    # test domain). docs/protocol.md compares them.
+    select: Literal["val", "last", "cue_free_val"] = "last"
     steps: int = Field(150, ge=1)
     batch_size: int = Field(32, ge=2)
     lr: float = Field(1e-3, gt=0)
@@ -273,7 +301,7 @@ class SweepParams(Strict):
 
 class FaithfulnessParams(Strict):
     ks: list[float] = [1, 5, 10, 20, 50]  # percent of pixels
-    baseline: Literal["black", "blur"] = "black"
+    baseline: Literal["black", "blur", "mean"] = "black"  # what erased pixels become
 
     @field_validator("ks")
     @classmethod
@@ -285,7 +313,10 @@ class FaithfulnessParams(Strict):
 
 class EvalParams(Strict):
     batch_size: int = Field(128, ge=1)
-    max_examples: int = Field(200, ge=0)  # per domain test split; 0 = all
+    max_examples: int = Field(0, ge=0)  # per domain test split (a stratified subset); 0 = all
+    # Of those, the images the attack- and explanation-based metrics (aAcc, Comp/Suff, stability,
+    # alignment) run on: a stratified subset; 0 = all. Forward-only metrics use every image.
+    costly_examples: int = Field(200, ge=0)
     attack: AttackParams = AttackParams()
     sweep: SweepParams = SweepParams()
     faithfulness: FaithfulnessParams = FaithfulnessParams()
@@ -307,7 +338,10 @@ class StudyParams(Strict):
 
     methods: list[str] = ["erm", "pgd_at", "igr", "ign", "dmada", "irm", "dre", "sgdrop", "egat"]
     train_domains: list[str] = ["grass"]
-    seeds: list[int] = [0]
+    seeds: list[int] = [0, 1, 2]
+    # Variants shown beside the methods in Tables I and II as the ceiling (the oracle: ERM on the
+    # cue-free renders); they must be in studies.train to have runs.
+    references: list[str] = ["oracle"]
 
 
 class VariantParams(Strict):
@@ -323,6 +357,10 @@ class CaseStudyParams(Strict):
     domain: str | None = None  # test domain of the images; null = the first training domain
 
 
+# ERM on the cue-free renders: what shape alone reaches with the study's budget.
+ORACLE = VariantParams(method="erm", overrides={"train.images": "cue_free"})
+
+
 def _noise_variant(sigma: float) -> str:
     return f"noisy_{sigma:g}"
 
@@ -330,8 +368,9 @@ def _noise_variant(sigma: float) -> str:
 class StudiesParams(Strict):
     """Sensitivity (Table III), ablation (Table IV), runtime (Fig. 3), case study (Fig. 4)."""
 
-    train: list[str] = ["wo_egl", "wo_at"]  # variants the DVC variant stages train and evaluate
+    train: list[str] = ["oracle", "wo_egl", "wo_at"]  # variants the DVC variant stages train and evaluate
     variants: dict[str, VariantParams] = {
+        "oracle": ORACLE,
         "wo_egl": VariantParams(method="egat_wo_egl"),
         "wo_at": VariantParams(method="egat_wo_at"),
         **{name: VariantParams(method="egat", overrides={"explainer.name": name})
@@ -404,14 +443,17 @@ class TuneParams(Strict):
     method: str = "egat"
     space: dict[str, SearchRange | None] = {
         "lambda_adv": SearchRange(low=0.25, high=16.0, log=True),
-        "lambda_egl": SearchRange(low=0.1, high=4.0, log=True),
+        "lambda_egl": SearchRange(low=0.3, high=30.0, log=True),
         "lambda_mix": SearchRange(low=0.1, high=4.0, log=True),
-        "lambda_sparse": SearchRange(low=0.01, high=2.0, log=True),
+        "lambda_sparse": None,
         "eps": None,
     }
     search: Literal["random", "optuna"] = "random"
     scheduler: Literal["asha", "none"] = "asha"
-    objective: Literal["val_cacc+val_aacc", "val_cacc", "val_comp"] = "val_cacc+val_aacc"
+    # Maximised on validation data only. val_cue_free_cacc: the cue-free renders of the training
+    # domains' validation split (the embedded benchmark), where the shortcut cannot help.
+    objective: Literal["val_cacc+val_aacc", "val_cacc", "val_comp", "val_cue_free_cacc+val_aacc"] = (
+        "val_cue_free_cacc+val_aacc")
     num_samples: int = Field(16, ge=1)
     max_concurrent_trials: int = Field(0, ge=0)  # 0 = as many as the cluster's resources hold
     steps: int | None = Field(None, ge=1)  # per trial; null = train.steps
@@ -477,9 +519,11 @@ class Params(Strict):
         return self
 
     def _check_studies(self, methods: list[str]) -> None:
-        """Adds a `noisy_<sigma>` EGAT variant per guides.sigmas level (unless defined), then
-        checks that every name the studies use is a variant or a registered method."""
+        """Adds the `oracle` variant and a `noisy_<sigma>` EGAT variant per guides.sigmas level
+        (unless defined), then checks that every name the studies use is a variant or a
+        registered method."""
         st = self.studies
+        st.variants.setdefault("oracle", ORACLE)  # the ceiling of Tables I and II
         for sigma in self.guides.sigmas:
             st.variants.setdefault(_noise_variant(sigma), VariantParams(
                 method="egat", overrides={"guides.variant": "noisy", "guides.sigma": sigma}))
@@ -488,6 +532,7 @@ class Params(Strict):
             if name in methods:
                 raise ValueError(f"studies.variants.{name}: a variant may not be named like a method")
         runs = sorted(st.variants) + methods  # rows without runs are reported as not run
+        _check_name_list("study.references", self.study.references, sorted(st.variants))
         _check_name_list("studies.train", st.train, sorted(st.variants))
         for key in ("sensitivity", "ablation", "case_study.runs"):
             group, _, sub = key.partition(".")

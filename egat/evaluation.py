@@ -1,8 +1,11 @@
-"""Evaluate a trained model on the test split of every domain (SPEC section 4).
+"""Evaluate a trained model on the test split of every domain (docs/method.md, Metrics).
 
 One pass per domain computes cAcc, aAcc (the evaluation attack), Comp/Suff, explanation stability
-under that same attack (the attack runs once per batch) and golden-mask alignment; the attack
-sweep (FGSM, MI-FGSM, PGD over eps) runs on the training domains' test split.
+under that same attack (the attack runs once per batch), golden-mask alignment, accuracy with the
+object erased, and, where the data knows each image's spurious cue (the embedded benchmark), the
+cue-follow rate and accuracy on the cue-free renders of the same images; the attack sweep (FGSM,
+MI-FGSM, PGD over eps) runs on the training domains' test split. Every subset is stratified by
+class and seeded by ``data.split_seed`` (egat/data/subsets.py), the same for every method and seed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from tqdm.auto import tqdm
 from egat.attacks import build_attack, model_mode
 from egat.config import Params
 from egat.data import DomainDataset, read_splits
+from egat.data.splits import cue_free_root
+from egat.data.subsets import stratified_indices, stratified_subset
 from egat.explain import build_explainer
 from egat.metrics import (
     alignment_scores,
@@ -31,13 +36,17 @@ from egat.resources import suggest_batch_size_on_oom
 from egat.seeding import seeded_scope
 
 
-def _loader(params: Params, splits: dict, domains: list[str]) -> DataLoader:
+def _loader(params: Params, splits: dict, domains: list[str], max_examples: int,
+            images: str = "observed") -> DataLoader:  # fmt: skip
+    """The test split of ``domains``, cut to a stratified subset of ``max_examples`` (0 = all),
+    in split order (so that the observed and the cue-free loader yield the same images)."""
     # Guides play no part in evaluation; golden masks come with the batches where they exist.
     ds = DomainDataset(
         params.data.root, splits, domains, "test", params.data.image_size, "grayscale",
-        guides_root=params.data.guides_root,
+        guides_root=params.data.guides_root, images=images,
     )
-    return DataLoader(ds, batch_size=params.eval.batch_size, num_workers=params.data.num_workers)
+    subset = stratified_subset(ds, max_examples, params.data.split_seed)
+    return DataLoader(subset, batch_size=params.eval.batch_size, num_workers=params.data.num_workers)
 
 
 def _seeded(fn):
@@ -46,67 +55,114 @@ def _seeded(fn):
     RNG stream is left as it was."""
 
     @functools.wraps(fn)
-    def wrapper(model: Classifier, params: Params, loader, device):
+    def wrapper(model: Classifier, params: Params, loader, device, *args):
         device = torch.device(device)
         with seeded_scope(params.train.seed, device):
-            return fn(model, params, loader, device)
+            return fn(model, params, loader, device, *args)
 
     return wrapper
 
 
 @_seeded
-def evaluate_domain(model: Classifier, params: Params, loader, device) -> dict[str, float]:
-    """All per-domain metrics in one pass over ``loader``.
+def evaluate_domain(model: Classifier, params: Params, loader, device, cue_free_loader=None,
+                    costly_ids: torch.Tensor | None = None) -> dict[str, float]:  # fmt: skip
+    """All per-domain metrics in one pass over ``loader`` (and, in step, ``cue_free_loader``: the
+    cue-free renders of the same images in the same order, where the data has them).
 
-    Streams: only running sums outlive a batch, so memory is flat in the test-set size.
+    The metrics that need an attack or explanations (aAcc, Comp/Suff, stability, alignment) run on
+    the images whose ``index`` is in ``costly_ids`` (None: all); the forward-only ones (cAcc, the
+    cue metrics, cue-free and object-erased cAcc) on every image. Streams: only running sums
+    outlive a batch, so memory is flat in the test-set size. Per-image sums of squares of Comp and
+    Suff are kept for their confidence intervals (``comp_sd``).
     """
     ev = params.eval
     attack = build_attack(model, ev.attack)
     explainer = build_explainer(ev.explainer, model, params.explainer)
-    n = clean = adv = rho_n = masked = 0
-    comp = suff = rho_sum = top_sum = hit_sum = mass_sum = 0.0
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+
+    def add(key: str, values: torch.Tensor) -> None:
+        sums[key] = sums.get(key, 0.0) + float(values.double().sum())
+        counts[key] = counts.get(key, 0) + int(values.numel())
+
+    cue_free = iter(cue_free_loader) if cue_free_loader is not None else None
     with model_mode(model, "eval"):
-        for batch in iterate_batches(loader, device, ev.max_examples):
+        for batch in iterate_batches(loader, device):
             x, y = batch["image"], batch["label"]
             with torch.no_grad():
                 probs = model(x).softmax(1)
             pred = probs.argmax(1)
-            x_adv = attack(x, y)
-            with torch.no_grad():
-                adv += int((model(x_adv).argmax(1) == y).sum())
-            clean += int((pred == y).sum())
-            maps = explainer.attribute(x, pred)
-            c, s = erasure_scores(
-                model, x, maps, pred, ev.faithfulness.ks, ev.faithfulness.baseline,
-                clean_prob=probs.gather(1, pred[:, None])[:, 0],
-            )
-            comp += float(c.mean(0).sum())
-            suff += float(s.mean(0).sum())
-            adv_maps = explainer.attribute(x_adv, pred)
-            flat, adv_flat = maps.flatten(1), adv_maps.flatten(1)
-            rho = spearman_rows(flat, adv_flat)
-            rho_sum += float(rho.double().nansum())
-            rho_n += int((~rho.isnan()).sum())
-            top_sum += float(top_intersection(flat, adv_flat, ev.stability_top).double().sum())
+            add("cacc", pred == y)
             if "mask" in batch:
-                h, m = alignment_scores(explainer.attribute(x, y), batch["mask"])
-                hit_sum += float(h.double().sum())
-                mass_sum += float(m.double().sum())
-                masked += len(y)
-            n += len(y)
-    out = {
-        "cacc": 100.0 * clean / n,
-        "aacc": 100.0 * adv / n,
-        "comp": 100.0 * comp / n,
-        "suff": 100.0 * suff / n,
-        "spearman": rho_sum / rho_n if rho_n else float("nan"),
-        "top_intersection": top_sum / n,
-        "n": n,
-    }
-    if masked:
-        out["pointing_game"] = hit_sum / masked
-        out["mass_in_mask"] = mass_sum / masked
+                with torch.no_grad():  # the object replaced by the erasure baseline
+                    erased = torch.where(batch["mask"].bool(), _fill(x, ev.faithfulness.baseline), x)
+                    add("object_erased_cacc", model(erased).argmax(1) == y)
+            cue = batch.get("cue")
+            if cue is not None and bool((cue >= 0).all()):
+                off = cue != y  # where the cue points to another class
+                add("cacc_cue_match", (pred == y)[~off])
+                add("cacc_cue_mismatch", (pred == y)[off])
+                add("cue_follow", (pred == cue)[off])
+            if cue_free is not None:
+                free = next(cue_free)["image"].to(device)
+                with torch.no_grad():
+                    add("cue_free_cacc", model(free).argmax(1) == y)
+            costly = (torch.isin(batch["index"], costly_ids.to(device)) if costly_ids is not None
+                      else torch.ones_like(y, dtype=torch.bool))
+            if bool(costly.any()):
+                _costly_metrics(model, explainer, attack, ev, add, x[costly], y[costly],
+                                probs[costly], batch["mask"][costly] if "mask" in batch else None)
+    n = counts["cacc"]
+    out = {key: sums[key] / counts[key] for key in sums if counts[key] and not key.endswith("_sq")}
+    for key in ("comp", "suff"):  # per-image std, for confidence intervals over test images
+        mean_sq = sums[f"{key}_sq"] / counts[key]
+        out[f"{key}_sd"] = 100.0 * max(mean_sq - out[key] ** 2, 0.0) ** 0.5
+    for key in PERCENT_METRICS:
+        if key in out:
+            out[key] *= 100.0
+    out["n"] = n
+    out["n_costly"] = counts["aacc"]
+    if "cue_follow" in counts:
+        out["n_cue_mismatch"] = counts["cue_follow"]
     return out
+
+
+def _costly_metrics(model, explainer, attack, ev, add, x, y, probs, mask) -> None:
+    """aAcc, Comp/Suff, stability under the attack and alignment of one batch's chosen images."""
+    pred = probs.argmax(1)
+    x_adv = attack(x, y)
+    with torch.no_grad():
+        add("aacc", model(x_adv).argmax(1) == y)
+    maps = explainer.attribute(x, pred)
+    c, s = erasure_scores(
+        model, x, maps, pred, ev.faithfulness.ks, ev.faithfulness.baseline,
+        clean_prob=probs.gather(1, pred[:, None])[:, 0],
+    )
+    comp, suff = c.mean(0), s.mean(0)  # per image, averaged over the k bins
+    add("comp", comp)
+    add("comp_sq", comp**2)
+    add("suff", suff)
+    add("suff_sq", suff**2)
+    adv_maps = explainer.attribute(x_adv, pred)
+    flat, adv_flat = maps.flatten(1), adv_maps.flatten(1)
+    rho = spearman_rows(flat, adv_flat)
+    add("spearman", rho[~rho.isnan()])
+    add("top_intersection", top_intersection(flat, adv_flat, ev.stability_top))
+    if mask is not None:
+        h, m = alignment_scores(explainer.attribute(x, y), mask)
+        add("pointing_game", h)
+        add("mass_in_mask", m)
+
+
+# Metrics kept as fractions in [0, 1] are the rank/overlap scores; these are percentages.
+PERCENT_METRICS = ("cacc", "aacc", "comp", "suff", "object_erased_cacc", "cacc_cue_match",
+                   "cacc_cue_mismatch", "cue_follow", "cue_free_cacc")
+
+
+def _fill(x: torch.Tensor, baseline: str) -> torch.Tensor:
+    from egat.metrics.faithfulness import baseline_fill
+
+    return baseline_fill(x, baseline)
 
 
 @_seeded
@@ -121,13 +177,31 @@ def attack_sweep(model: Classifier, params: Params, loader, device) -> dict[str,
             alpha = eps * params.eval.attack.alpha / max(params.eval.attack.eps, 1e-12)
             attack_cfg = cfg.model_copy(update={"alpha": alpha})
             attacks[f"{name}@{eps:g}"] = build_attack(model, attack_cfg, eps)
-    acc = evaluate_accuracy(model, loader, device, attacks, sweep.max_examples)
+    acc = evaluate_accuracy(model, loader, device, attacks)
     result: dict[str, dict[str, float]] = {name: {} for name in sweep.attacks}
     for key, value in acc.items():
         if key != "clean":
             name, eps = key.split("@")
             result[name][eps] = value
     return result
+
+
+def costly_ids(loader: DataLoader, params: Params) -> torch.Tensor:
+    """The ``index`` of the images the costly metrics run on: a stratified subset of
+    ``eval.costly_examples`` of the loader's images (0 = all)."""
+    ds, rows = loader.dataset, None
+    if isinstance(ds, torch.utils.data.Subset):
+        ds, rows = ds.dataset, torch.as_tensor(ds.indices)
+    labels = ds.labels if rows is None else ds.labels[rows]
+    indices = ds.indices if rows is None else ds.indices[rows]
+    chosen = stratified_indices(labels, params.eval.costly_examples, params.data.split_seed)
+    return indices[torch.from_numpy(chosen)]
+
+
+# The per-domain metrics averaged into eval.json's summary (and DVC's metrics).
+SUMMARY_METRICS = ("cacc", "aacc", "comp", "suff", "spearman", "top_intersection", "pointing_game",
+                   "mass_in_mask", "object_erased_cacc", "cue_free_cacc", "cue_follow",
+                   "cacc_cue_match", "cacc_cue_mismatch")
 
 
 @suggest_batch_size_on_oom("eval.batch_size", "evaluation")
@@ -139,22 +213,27 @@ def evaluate_model(
     model = model.to(device)
     splits = read_splits(params.data.splits_file)
     per_domain = {}
+    has_cue_free = cue_free_root(params.data.root, splits) is not None
+    n = params.eval.max_examples
     for domain in tqdm(splits["domains"], desc="evaluate", unit="domain", disable=not params.train.progress):
-        metrics = evaluate_domain(model, params, _loader(params, splits, [domain]), device)
+        loader = _loader(params, splits, [domain], n)
+        cue_free = _loader(params, splits, [domain], n, "cue_free") if has_cue_free else None
+        metrics = evaluate_domain(model, params, loader, device, cue_free, costly_ids(loader, params))
         metrics["in_domain"] = domain in train_domains
         per_domain[domain] = metrics
-    sweep = attack_sweep(model, params, _loader(params, splits, train_domains), device)
+    sweep_loader = _loader(params, splits, train_domains, params.eval.sweep.max_examples)
+    sweep = attack_sweep(model, params, sweep_loader, device)
     summary = {}
     for group, in_domain in (("id", True), ("ood", False)):
         chosen = [m for m in per_domain.values() if m["in_domain"] == in_domain]
         if not chosen:
             continue
-        for key in ("cacc", "aacc", "comp", "suff", "spearman", "top_intersection",
-                    "pointing_game", "mass_in_mask"):
+        for key in SUMMARY_METRICS:
             values = [m[key] for m in chosen if key in m]
             if values:
                 summary[f"{group}_{key}"] = sum(values) / len(values)
-    return {"train_domains": train_domains, "domains": per_domain, "sweep": sweep, "summary": summary}
+    return {"train_domains": train_domains, "domains": per_domain, "sweep": sweep,
+            "sweep_n": len(sweep_loader.dataset), "summary": summary}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str] | None = None) -> dict:

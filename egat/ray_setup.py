@@ -9,8 +9,8 @@ import logging
 
 
 def quiet_state_api() -> None:
-    """The private cluster runs without the dashboard (SPEC section 7), so Ray Train's
-    placement-group cleaner cannot reach the State API and would log a warning every second of
+    """The private cluster runs without the dashboard (it costs seconds of start-up and a port),
+    so Ray Train's placement-group cleaner cannot reach the State API and would log a warning every second of
     every run. (egat frees what the cleaner would have freed: see
     ``egat.train.distributed.reap_orphan_placement_groups``.)"""
     logging.getLogger(

@@ -1,10 +1,14 @@
 """The report stage: every run's eval.json -> the paper's tables, figures, DVC metrics and plot data.
 
 Runs are read from ``<runs>/<method>/<domain>/seed<seed>/eval.json`` (the evaluate stage writes
-``evals/...``; the structure is egat.evaluation.evaluate_model's).
-Numbers are means over seeds, with the sample std over seeds where there are several. Aggregates
-over training domains (explanations table, bar chart, metrics.json) first average each seed's
-training domains, so their std still measures seed-to-seed spread.
+``evals/...``; the structure is egat.evaluation.evaluate_model's), and the reference rows (the
+oracle ceiling) from ``<runs>/variants/<name>/...``.
+Numbers are means over seeds, with the sample std over seeds where there are several, and a 95 %
+confidence interval that counts both sources of error (docs/protocol.md): seeds (Student t over
+the seed means) and test images (the binomial, or per-image, standard error on the test set, which
+every seed shares), added in quadrature. Ranks treat methods whose intervals overlap as tied.
+Aggregates over training domains (explanations table, bar chart, metrics.json) first average each
+seed's training domains, so their std still measures seed-to-seed spread.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from egat import io
@@ -23,7 +28,16 @@ DIGITS = 2  # shown in the markdown tables; Table II ranks values at this precis
 CSV_DIGITS = 4
 RUN_KEYS = ["method", "train_domain", "seed"]
 METRICS = ["cacc", "aacc", "comp", "suff", "spearman", "top_intersection", "pointing_game",
-           "mass_in_mask"]
+           "mass_in_mask", "object_erased_cacc", "cue_free_cacc", "cue_follow", "cacc_cue_match",
+           "cacc_cue_mismatch"]
+# Percentages of images (binomial test-set error) and per-image means with a stored per-image sd.
+BINOMIAL_METRICS = {"cacc", "aacc", "object_erased_cacc", "cue_free_cacc"}
+SD_METRICS = {"comp", "suff"}
+COSTLY = {"aacc", "comp", "suff"}  # run on eval.costly_examples of the n test images
+Z95 = 1.959964
+CUE_METRICS = {"cacc_cue_match": "cAcc, cue matches", "cacc_cue_mismatch": "cAcc, cue misleads",
+               "cue_follow": "cue-follow rate", "cue_free_cacc": "cue-free cAcc",
+               "object_erased_cacc": "cAcc, object erased"}
 TABLE1_METRICS = {"cacc": "cAcc", "aacc": "aAcc", "comp": "Comp", "suff": "Suff"}
 EXPLANATION_METRICS = {"spearman": "Spearman", "top_intersection": "top-k overlap",
                        "pointing_game": "pointing game", "mass_in_mask": "mass in mask"}
@@ -51,17 +65,6 @@ class Results:
     train_order: list[str]
 
 
-@dataclass(frozen=True)
-class OodTable:
-    """Table II: rows = methods, columns = (train, test) pairs."""
-
-    mean: pd.DataFrame
-    std: pd.DataFrame
-    rank: pd.DataFrame
-    mean_rank: pd.Series
-    rank_variance: pd.Series
-
-
 # --- reading runs -------------------------------------------------------------------------------
 
 def find_eval_files(runs_dir: str | Path) -> list[RunFile]:
@@ -80,15 +83,40 @@ def eval_rows(run: RunFile) -> tuple[list[dict], list[dict]]:
     key = {"method": run.method, "train_domain": "+".join(ev["train_domains"]), "seed": run.seed}
     domains = [
         {**key, "test_domain": name, "in_domain": bool(m["in_domain"]),
-         **{k: float(m[k]) for k in METRICS if m.get(k) is not None}}
+         **{k: float(m[k]) for k in METRICS if m.get(k) is not None},
+         **test_variances(m)}
         for name, m in ev["domains"].items()
     ]
+    n_sweep = ev.get("sweep_n")
     sweep = [
-        {**key, "attack": attack, "eps": float(eps), "accuracy": float(acc)}
+        {**key, "attack": attack, "eps": float(eps), "accuracy": float(acc),
+         "accuracy_var": float(acc) * (100.0 - float(acc)) / n_sweep if n_sweep else np.nan}
         for attack, by_eps in ev.get("sweep", {}).items()
         for eps, acc in by_eps.items()
     ]
     return domains, sweep
+
+
+def test_variances(m: dict) -> dict[str, float]:
+    """``<metric>_var``: the squared standard error (in the metric's units) of one run's metric
+    from the finite test set: p (100 - p) / n for accuracies, sd^2 / n for Comp/Suff."""
+    n = m.get("n")
+    if not n:
+        return {}
+    out = {}
+    costly = m.get("n_costly") or n  # aAcc and Comp/Suff may run on a subset of the n images
+    for k in BINOMIAL_METRICS & m.keys():
+        out[f"{k}_var"] = float(m[k]) * (100.0 - float(m[k])) / (costly if k in COSTLY else n)
+    for k in SD_METRICS:
+        if m.get(f"{k}_sd") is not None and k in m:
+            out[f"{k}_var"] = float(m[f"{k}_sd"]) ** 2 / costly
+    # The cue metrics count the images whose cue misleads (or matches) only.
+    groups = {"cue_follow": m.get("n_cue_mismatch"), "cacc_cue_mismatch": m.get("n_cue_mismatch"),
+              "cacc_cue_match": n - (m.get("n_cue_mismatch") or n)}
+    for k, count in groups.items():
+        if count and m.get(k) is not None:
+            out[f"{k}_var"] = float(m[k]) * (100.0 - float(m[k])) / count
+    return out
 
 
 def ordered_methods(present: list[str], preferred: list[str] | None) -> list[str]:
@@ -114,7 +142,7 @@ def load_runs(runs: list[RunFile], methods_order: list[str] | None = None) -> Re
         domain_rows += d
         sweep_rows += s
     domains = pd.DataFrame(domain_rows)
-    sweep = pd.DataFrame(sweep_rows, columns=[*RUN_KEYS, "attack", "eps", "accuracy"])
+    sweep = pd.DataFrame(sweep_rows, columns=[*RUN_KEYS, "attack", "eps", "accuracy", "accuracy_var"])
     domain_order = list(dict.fromkeys(domains["test_domain"]))  # eval.json keeps dataset order
     return Results(
         domains=domains,
@@ -132,10 +160,22 @@ def metric_columns(df: pd.DataFrame, wanted) -> list[str]:
     return [m for m in wanted if m in df.columns and df[m].notna().any()]
 
 
+def var_columns(df: pd.DataFrame, metrics: list[str]) -> list[str]:
+    return [f"{m}_var" for m in metrics if f"{m}_var" in df.columns]
+
+
 def per_run_means(domains: pd.DataFrame, in_domain: bool) -> pd.DataFrame:
-    """Each run's metrics averaged over its in-domain (or OOD) test domains; index RUN_KEYS."""
+    """Each run's metrics averaged over its in-domain (or OOD) test domains; index RUN_KEYS.
+    ``<metric>_var`` columns (test-set error, see :func:`test_variances`) combine as the variance
+    of that mean over independent test domains."""
     chosen = domains[domains["in_domain"] == in_domain]
-    return chosen.groupby(RUN_KEYS)[metric_columns(domains, METRICS)].mean()
+    metrics = metric_columns(domains, METRICS)
+    grouped = chosen.groupby(RUN_KEYS)
+    means = grouped[metrics].mean()
+    variances = var_columns(chosen, metrics)
+    if variances:
+        means = means.join(grouped[variances].mean().div(grouped.size(), axis=0))
+    return means
 
 
 def per_seed_means(domains: pd.DataFrame) -> pd.DataFrame:
@@ -143,97 +183,181 @@ def per_seed_means(domains: pd.DataFrame) -> pd.DataFrame:
     parts = []
     for prefix, in_domain in GROUPS.items():
         runs = per_run_means(domains, in_domain)
-        parts.append(runs.groupby(["method", "seed"]).mean().add_prefix(f"{prefix}_"))
+        grouped = runs.groupby(["method", "seed"])
+        means = grouped.mean()
+        # Training domains have their own test sets: the variance of their mean shrinks with them.
+        var = [c for c in means.columns if c.endswith("_var")]
+        means[var] = means[var].div(grouped.size(), axis=0)
+        parts.append(means.add_prefix(f"{prefix}_"))
     return pd.concat(parts, axis=1)
 
 
-def over_seeds(per_seed: pd.DataFrame, by: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(mean, std) over the seed level; std is NaN where a group has one seed."""
+@dataclass(frozen=True)
+class Stats:
+    """Mean, sample std over seeds (NaN for one seed) and 95 % CI half-width of every cell."""
+
+    mean: pd.DataFrame
+    std: pd.DataFrame
+    half: pd.DataFrame
+
+    @property
+    def low(self) -> pd.DataFrame:
+        return self.mean - self.half
+
+    @property
+    def high(self) -> pd.DataFrame:
+        return self.mean + self.half
+
+    def map(self, fn) -> "Stats":
+        return Stats(fn(self.mean), fn(self.std), fn(self.half))
+
+
+def over_seeds(per_seed: pd.DataFrame, by: list[str]) -> Stats:
+    """Stats over the seed level of ``per_seed`` (one row per seed), grouped by ``by``.
+
+    half = sqrt((t_{k-1} s / sqrt(k))^2 + (z var_test^0.5)^2): the seeds' t interval and the
+    shared test set's normal interval in quadrature (docs/protocol.md); with one seed, the test
+    set's alone. Metrics without a ``_var`` column (rank scores) get the seeds' term only.
+    """
+    from scipy.stats import t as student_t
+
+    values = [c for c in per_seed.columns if not c.endswith("_var")]
     grouped = per_seed.groupby(level=by)
-    return grouped.mean(), grouped.std(ddof=1)
+    mean, std, k = grouped[values].mean(), grouped[values].std(ddof=1), grouped.size()
+    quantile = pd.Series(student_t.ppf(0.975, np.maximum(k - 1, 1)), index=k.index)
+    seed_term = std.mul(quantile / np.sqrt(k), axis=0).fillna(0.0)
+    test_term = pd.DataFrame(0.0, index=mean.index, columns=values)
+    for c in values:
+        if f"{c}_var" in per_seed.columns:
+            test_term[c] = (Z95 * np.sqrt(grouped[f"{c}_var"].mean())).fillna(0.0)
+    half = np.sqrt(seed_term**2 + test_term**2)
+    return Stats(mean, std, half)
 
 
-def in_domain_table(results: Results) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Table I as (mean, std): rows = methods, columns = (training domain, metric)."""
+def in_domain_table(results: Results) -> Stats:
+    """Table I: rows = methods, columns = (training domain, metric)."""
     metrics = metric_columns(results.domains, TABLE1_METRICS)
-    runs = per_run_means(results.domains, in_domain=True)[metrics]
-    mean, std = over_seeds(runs, ["method", "train_domain"])
+    runs = per_run_means(results.domains, in_domain=True)
+    runs = runs[metrics + var_columns(runs, metrics)]
     columns = pd.MultiIndex.from_product([results.train_order, metrics])
-    return tuple(
-        stat.unstack("train_domain").swaplevel(axis=1).reindex(index=results.methods, columns=columns)
-        for stat in (mean, std)
-    )
+    return over_seeds(runs, ["method", "train_domain"]).map(
+        lambda stat: stat.unstack("train_domain").swaplevel(axis=1).reindex(
+            index=results.methods, columns=columns))
 
 
-def descending_min_ranks(values: pd.DataFrame) -> pd.DataFrame:
-    """Rank 1 = highest in each column; values equal as shown (DIGITS decimals) share the min rank."""
-    shown = values.map(lambda v: float(f"{v:.{DIGITS}f}"))
-    return shown.rank(ascending=False, method="min")
+def interval_ranks(stats: Stats) -> pd.DataFrame:
+    """Rank 1 = best in each column; a method's rank is 1 + the number of methods whose whole
+    95 % interval lies above its own, so methods with overlapping intervals tie."""
+    low, high = stats.low, stats.high
+    ranks = pd.DataFrame(index=stats.mean.index, columns=stats.mean.columns, dtype=float)
+    for col in stats.mean.columns:
+        present = stats.mean[col].notna()
+        for method in stats.mean.index[present]:
+            ranks.loc[method, col] = 1 + int((low.loc[present, col] > high.loc[method, col]).sum())
+    return ranks
+
+
+@dataclass(frozen=True)
+class OodTable:
+    """Table II: rows = methods, columns = (train, test) pairs, and the OOD mean per training domain."""
+
+    stats: Stats
+    rank: pd.DataFrame
+    mean_rank: pd.Series
+    rank_variance: pd.Series
+    ood_mean: Stats  # columns = training domains: cAcc averaged over that domain's test domains
+
+    @property
+    def mean(self) -> pd.DataFrame:
+        return self.stats.mean
+
+    @property
+    def std(self) -> pd.DataFrame:
+        return self.stats.std
 
 
 def ood_table(results: Results) -> OodTable:
-    """Table II: OOD cAcc per (train, test) pair, each method's rank per pair, mean/var of ranks."""
+    """Table II: OOD cAcc per (train, test) pair, each method's rank per pair (overlapping
+    intervals tie), mean/var of ranks, and the OOD mean per training domain."""
     ood = results.domains[~results.domains["in_domain"]]
-    runs = ood.set_index([*RUN_KEYS, "test_domain"])["cacc"]
-    mean, std = over_seeds(runs.to_frame(), ["method", "train_domain", "test_domain"])
+    runs = ood.set_index([*RUN_KEYS, "test_domain"])[["cacc", "cacc_var"]]
+    stats = over_seeds(runs, ["method", "train_domain", "test_domain"])
     present = set(zip(ood["train_domain"], ood["test_domain"]))
     pairs = [(t, d) for t in results.train_order for d in results.domain_order if (t, d) in present]
     columns = pd.MultiIndex.from_tuples(pairs, names=["train_domain", "test_domain"])
-    mean, std = (
-        s["cacc"].unstack(["train_domain", "test_domain"]).reindex(index=results.methods, columns=columns)
-        for s in (mean, std)
-    )
-    rank = descending_min_ranks(mean)
+    stats = stats.map(lambda stat: stat["cacc"].unstack(["train_domain", "test_domain"]).reindex(
+        index=results.methods, columns=columns))
+    rank = interval_ranks(stats)
+    per_run = per_run_means(results.domains, in_domain=False)[["cacc", "cacc_var"]]
+    trains = [t for t in results.train_order if t in set(ood["train_domain"])]
+    mean_stats = over_seeds(per_run, ["method", "train_domain"]).map(
+        lambda stat: stat["cacc"].unstack("train_domain").reindex(index=results.methods, columns=trains))
     # Population variance, as the paper's 0.81 / 2.81.
-    return OodTable(mean, std, rank, rank.mean(axis=1), rank.var(axis=1, ddof=0))
+    return OodTable(stats, rank, rank.mean(axis=1), rank.var(axis=1, ddof=0), mean_stats)
 
 
-def explanation_table(results: Results) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Stability under attack and golden-mask alignment per method: (mean, std) over seeds."""
+def explanation_table(results: Results) -> Stats:
+    """Stability under attack and golden-mask alignment per method over seeds."""
+    return group_table(results, EXPLANATION_METRICS)
+
+
+def cue_table(results: Results) -> Stats:
+    """How far each method follows the spurious cue: accuracy where the cue matches / misleads,
+    the cue-follow rate, accuracy on the cue-free renders and with the object erased; ID and OOD."""
+    return group_table(results, CUE_METRICS)
+
+
+def group_table(results: Results, wanted: dict[str, str]) -> Stats:
+    """id_*/ood_* columns of the ``wanted`` metrics per method, over seeds."""
     per_seed = per_seed_means(results.domains)
-    columns = [f"{prefix}_{m}" for m in metric_columns(results.domains, EXPLANATION_METRICS)
+    columns = [f"{prefix}_{m}" for m in metric_columns(results.domains, wanted)
                for prefix in GROUPS if f"{prefix}_{m}" in per_seed.columns]
-    mean, std = over_seeds(per_seed[columns], ["method"])
-    return mean.reindex(results.methods), std.reindex(results.methods)
+    stats = over_seeds(per_seed[columns + var_columns(per_seed, columns)], ["method"])
+    return stats.map(lambda stat: stat[columns].reindex(results.methods))
 
 
 def summary_metrics(results: Results, ood: OodTable) -> dict[str, dict[str, float]]:
-    """{method: {id_cacc, id_aacc, ood_cacc, ..., ood_mean_rank, ood_rank_variance}}, NaN-free."""
-    mean, _ = over_seeds(per_seed_means(results.domains), ["method"])
-    mean = mean.reindex(results.methods)
+    """{method: {id_cacc, id_aacc, ood_cacc, ..., ood_mean_rank, ood_rank_variance}}, NaN-free;
+    every metric also as ``<metric>_ci`` (the 95 % interval's half-width)."""
+    stats = over_seeds(per_seed_means(results.domains), ["method"])
+    mean = stats.mean.reindex(results.methods)
+    half = stats.half.reindex(results.methods).add_suffix("_ci")
+    mean = mean.join(half)
     mean["ood_mean_rank"] = ood.mean_rank
     mean["ood_rank_variance"] = ood.rank_variance
     # NaN is not JSON; a metric a method lacks is left out rather than written as null.
     return {
-        method: {k: round(float(v), CSV_DIGITS) for k, v in row.items() if pd.notna(v)}
+        method: {k: round(float(v), CSV_DIGITS) for k, v in sorted(row.items()) if pd.notna(v)}
         for method, row in mean.iterrows()
     }
 
 
-def sweep_stats(results: Results) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Accuracy under each sweep attack: (mean, std) over seeds, index (method, train, attack, eps)."""
-    runs = results.sweep.set_index([*RUN_KEYS, "attack", "eps"])["accuracy"].to_frame()
-    mean, std = over_seeds(runs, ["method", "train_domain", "attack", "eps"])
-    return mean["accuracy"], std["accuracy"]
+def sweep_stats(results: Results) -> Stats:
+    """Accuracy under each sweep attack over seeds, index (method, train, attack, eps)."""
+    runs = results.sweep.set_index([*RUN_KEYS, "attack", "eps"])[["accuracy", "accuracy_var"]]
+    return over_seeds(runs, ["method", "train_domain", "attack", "eps"]).map(lambda s: s["accuracy"])
 
 
 def sweep_plot_data(results: Results) -> pd.DataFrame:
     """Long data for DVC's plot of the sweep: method, attack, eps, accuracy, train_domain."""
-    mean, _ = sweep_stats(results)
-    data = mean.reset_index()
+    data = sweep_stats(results).mean.reset_index()
     data["attack"] = data["attack"].map(lambda a: ATTACK_NAMES.get(a, a))
     return data[["method", "attack", "eps", "accuracy", "train_domain"]].round(CSV_DIGITS)
 
 
 # --- formatting ---------------------------------------------------------------------------------
 
-def format_cell(mean: float, std: float = float("nan"), rank: float = float("nan")) -> str:
-    """"54.40", "54.40 ± 1.20" where seeds vary, "54.40 [1]" with a rank; "-" where missing."""
+def format_cell(mean: float, std: float = float("nan"), half: float = float("nan"),
+                rank: float = float("nan")) -> str:  # fmt: skip
+    """"54.40", "54.40 ± 1.20" where seeds vary, "(50.1, 58.7)" its 95 % interval, "[1]" its
+    rank; "-" where missing."""
     if pd.isna(mean):
         return "-"
     text = f"{mean:.{DIGITS}f}"
     if pd.notna(std):
         text += f" ± {std:.{DIGITS}f}"
+    if pd.notna(half) and half > 0:
+        text += f" ({mean - half:.{DIGITS}f}, {mean + half:.{DIGITS}f})"
     if pd.notna(rank):
         text += f" [{int(rank)}]"
     return text
@@ -242,7 +366,8 @@ def format_cell(mean: float, std: float = float("nan"), rank: float = float("nan
 def metric_label(metric: str) -> str:
     prefix, _, name = metric.partition("_")
     group = {"id": "ID", "ood": "OOD"}[prefix]
-    return f"{group} {EXPLANATION_METRICS.get(name) or TABLE1_METRICS.get(name, name)}"
+    names = {**EXPLANATION_METRICS, **TABLE1_METRICS, **CUE_METRICS}
+    return f"{group} {names.get(name, name)}"
 
 
 def table1_label(column: tuple[str, str]) -> str:
@@ -253,45 +378,51 @@ def pair_label(pair: tuple[str, str]) -> str:
     return f"{pair[0]} -> {pair[1]}"
 
 
-def cell_table(label, mean: pd.DataFrame, std: pd.DataFrame, rank: pd.DataFrame | None = None):
-    """Markdown cells: one formatted column per column of ``mean``, named ``label(column)``."""
+def cell_table(label, stats: Stats, rank: pd.DataFrame | None = None):
+    """Markdown cells: one formatted column per column of ``stats``, named ``label(column)``."""
+    mean = stats.mean
     rank = rank if rank is not None else pd.DataFrame(index=mean.index, columns=mean.columns)
     return pd.DataFrame(
-        {label(c): [format_cell(*v) for v in zip(mean[c], std[c], rank[c])] for c in mean.columns},
+        {label(c): [format_cell(*v) for v in zip(mean[c], stats.std[c], stats.half[c], rank[c])]
+         for c in mean.columns},
         index=mean.index,
     )
 
 
-def number_table(label, stats: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """CSV columns ``label(column) + suffix`` for each column and each {suffix: table} stat."""
-    first = next(iter(stats.values()))
+def number_table(label, stats: Stats, rank: pd.DataFrame | None = None) -> pd.DataFrame:
+    """CSV columns per column of ``stats``: ``label(column)``, `` std``, `` ci_low``,
+    `` ci_high`` (and `` rank``)."""
+    parts = {"": stats.mean, " std": stats.std, " ci_low": stats.low, " ci_high": stats.high}
+    if rank is not None:
+        parts[" rank"] = rank
     return pd.DataFrame(
-        {label(c) + suffix: stat[c] for c in first.columns for suffix, stat in stats.items()},
-        index=first.index,
+        {label(c) + suffix: stat[c] for c in stats.mean.columns for suffix, stat in parts.items()},
+        index=stats.mean.index,
     )
 
 
-def in_domain_outputs(mean: pd.DataFrame, std: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def in_domain_outputs(stats: Stats) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(markdown cells, CSV numbers) of Table I."""
-    return (cell_table(table1_label, mean, std),
-            number_table(table1_label, {"": mean, " std": std}))
+    return cell_table(table1_label, stats), number_table(table1_label, stats)
 
 
 def ood_outputs(table: OodTable) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(markdown cells, CSV numbers) of Table II."""
-    cells = cell_table(pair_label, table.mean, table.std, table.rank)
+    """(markdown cells, CSV numbers) of Table II, with each training domain's OOD mean."""
+    cells = cell_table(pair_label, table.stats, table.rank)
+    numbers = number_table(pair_label, table.stats, table.rank)
+    label = lambda train: f"{train} OOD mean"  # noqa: E731
+    cells = cells.join(cell_table(label, table.ood_mean))
+    numbers = numbers.join(number_table(label, table.ood_mean))
     cells["mean rank"] = table.mean_rank.map(format_cell)
     cells["rank variance"] = table.rank_variance.map(format_cell)
-    numbers = number_table(pair_label, {"": table.mean, " std": table.std, " rank": table.rank})
     numbers["mean rank"] = table.mean_rank
     numbers["rank variance"] = table.rank_variance
     return cells, numbers
 
 
-def explanation_outputs(mean: pd.DataFrame, std: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(markdown cells, CSV numbers) of the explanations table."""
-    return (cell_table(metric_label, mean, std),
-            number_table(metric_label, {"": mean, " std": std}))
+def group_outputs(stats: Stats) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(markdown cells, CSV numbers) of a per-method table of id_*/ood_* metrics."""
+    return cell_table(metric_label, stats), number_table(metric_label, stats)
 
 
 def markdown_table(title: str, caption: str, cells: pd.DataFrame) -> str:
@@ -305,10 +436,25 @@ def csv_text(numbers: pd.DataFrame) -> str:
 
 def seeds_caption(results: Results) -> str:
     seeds = results.domains.groupby(RUN_KEYS[:2])["seed"].nunique()
+    ci = ("(low, high): 95 % confidence interval over seeds and test images (docs/protocol.md).")
     if seeds.max() == 1:
-        return "One seed per run."
+        return f"One seed per run; {ci}"
     count = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
-    return f"Mean ± sample std over seeds ({count} per method and training domain)."
+    return f"Mean ± sample std over seeds ({count} per method and training domain); {ci}"
+
+
+def reference_caption(results: Results, references: list[str], ood: OodTable) -> str:
+    """The ceiling row(s) and the room between the first study method (the floor, ERM) and them."""
+    refs = [r for r in references if r in results.methods]
+    if not refs:
+        return ""
+    floor = next((m for m in results.methods if m not in refs), None)
+    text = f"Ceiling row: {', '.join(refs)} (trained on the cue-free renders, same budget)."
+    if floor is not None and not ood.ood_mean.mean.empty:
+        gaps = (ood.ood_mean.mean.loc[refs[0]] - ood.ood_mean.mean.loc[floor]).round(DIGITS)
+        text += (f" OOD mean gap {refs[0]} - {floor} (the floor): "
+                 + ", ".join(f"{t}: {g:+.{DIGITS}f} points" for t, g in gaps.items()) + ".")
+    return text
 
 
 # --- figures ------------------------------------------------------------------------------------
@@ -332,7 +478,8 @@ def method_colors(methods: list[str]) -> dict[str, str]:
 
 def plot_attack_sweep(results: Results, path: Path) -> None:
     """Accuracy vs eps, one panel per (training domain, attack), one line per method (paper Fig. 2)."""
-    mean, std = sweep_stats(results)
+    stats = sweep_stats(results)
+    mean = stats.mean
     attacks = list(dict.fromkeys(results.sweep["attack"]))
     trains = [t for t in results.train_order if t in set(results.sweep["train_domain"])]
     colors = method_colors(results.methods)
@@ -347,9 +494,9 @@ def plot_attack_sweep(results: Results, path: Path) -> None:
                 key = (method, train, attack)
                 if key not in mean.index:
                     continue
-                m, s = mean.loc[key], std.loc[key]
+                m, h = mean.loc[key], stats.half.loc[key]
                 (legend[method],) = ax.plot(m.index, m.values, marker="o", color=colors[method])
-                ax.fill_between(m.index, m - s, m + s, color=colors[method], alpha=0.15)
+                ax.fill_between(m.index, m - h, m + h, color=colors[method], alpha=0.15)
             ax.set_title(f"{ATTACK_NAMES.get(attack, attack)}, trained on {train}")
             ax.set_xticks(sorted(results.sweep["eps"].unique()))
             ax.set_xlabel("ε (L∞ budget, pixels in [0, 1])")
@@ -359,14 +506,15 @@ def plot_attack_sweep(results: Results, path: Path) -> None:
     if legend:
         ordered = [m for m in results.methods if m in legend]
         fig.legend([legend[m] for m in ordered], ordered, loc="outside lower center",
-                   ncols=len(ordered), title="method (band: ± std over seeds)")
+                   ncols=len(ordered), title="method (band: 95 % CI over seeds and images)")
     fig.suptitle("Accuracy vs attack budget ε, on the test split of the training domains")
     save_png(fig, path)
 
 
 def plot_accuracy_bars(results: Results, path: Path) -> None:
-    """In-domain vs OOD cAcc/aAcc per method, mean ± std over seeds."""
-    mean, std = over_seeds(per_seed_means(results.domains), ["method"])
+    """In-domain vs OOD cAcc/aAcc per method, mean with its 95 % CI as error bars."""
+    stats = over_seeds(per_seed_means(results.domains), ["method"])
+    mean = stats.mean
     metrics = [m for m in BAR_METRICS if m in mean.columns]
     fig = new_figure(max(6.0, 1.6 * len(results.methods) + 2.5), 4.6)
     ax = fig.subplots()
@@ -374,7 +522,7 @@ def plot_accuracy_bars(results: Results, path: Path) -> None:
     positions = range(len(results.methods))
     for i, metric in enumerate(metrics):
         values = mean[metric].reindex(results.methods)
-        errors = std[metric].reindex(results.methods).fillna(0.0)
+        errors = stats.half[metric].reindex(results.methods).fillna(0.0)
         offsets = [p + (i - (len(metrics) - 1) / 2) * width for p in positions]
         adversarial = metric.endswith("aacc")
         # One color per test group (in-domain / OOD); aAcc bars hatched and lighter.
@@ -384,7 +532,7 @@ def plot_accuracy_bars(results: Results, path: Path) -> None:
     ax.set_xticks(list(positions), results.methods)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Clean (cAcc) and adversarial (aAcc) accuracy, in-domain vs OOD")
+    ax.set_title("Clean (cAcc) and adversarial (aAcc) accuracy, in-domain vs OOD (95 % CI)")
     ax.grid(axis="y", alpha=0.3)
     fig.legend(loc="outside lower center", ncols=len(metrics) or 1)
     save_png(fig, path)
@@ -392,11 +540,22 @@ def plot_accuracy_bars(results: Results, path: Path) -> None:
 
 # --- the stage ----------------------------------------------------------------------------------
 
+def find_run_files(runs_dir: str | Path, references: list[str] = ()) -> list[RunFile]:
+    """The study methods' eval files and those of the named reference variants."""
+    from egat.run_layout import VARIANTS
+
+    refs = [f for f in find_eval_files(Path(runs_dir) / VARIANTS) if f.method in set(references)]
+    return find_eval_files(runs_dir) + refs
+
+
 def build_report(
-    runs_dir: str | Path, out_dir: str | Path, methods_order: list[str] | None = None
+    runs_dir: str | Path, out_dir: str | Path, methods_order: list[str] | None = None,
+    references: list[str] = (),
 ) -> list[Path]:
-    """Read every eval.json under ``runs_dir`` and write the report to ``out_dir``; returns paths."""
-    results = load_runs(find_eval_files(runs_dir), methods_order)
+    """Read every eval.json under ``runs_dir`` (and of the ``references`` variants) and write the
+    report to ``out_dir``; returns paths."""
+    references = list(references)
+    results = load_runs(find_run_files(runs_dir, references), list(methods_order or []) + references)
     out = Path(out_dir)
     caption = seeds_caption(results)
     written: list[Path] = []
@@ -405,25 +564,40 @@ def build_report(
         io.write_text(out / name, text)
         written.append(out / name)
 
-    cells, numbers = in_domain_outputs(*in_domain_table(results))
+    ood = ood_table(results)
+    reference = reference_caption(results, references, ood)
+    cells, numbers = in_domain_outputs(in_domain_table(results))
     write("table1_in_domain.md", markdown_table(
         "Table I: in-domain results",
         f"Trained and tested on the same domain (test split). {caption} "
-        "cAcc/aAcc: clean/adversarial accuracy (%); Comp higher is better, Suff lower is better.",
-        cells))
+        "cAcc/aAcc: clean/adversarial accuracy (%); Comp higher is better, Suff lower is better. "
+        f"{reference}", cells))
     write("table1_in_domain.csv", csv_text(numbers))
 
-    ood = ood_table(results)
     cells, numbers = ood_outputs(ood)
     write("table2_ood.md", markdown_table(
         "Table II: out-of-distribution cAcc",
-        f"Columns: train -> test domain; [rank] among methods per column (1 = best, ties share "
-        f"the best rank, compared at {DIGITS} decimals); mean and population variance of each "
-        f"method's ranks. {caption}",
-        cells))
+        "Columns: train -> test domain; [rank] among methods per column (1 = best; a method "
+        "ranks below another only when their 95 % intervals do not overlap, otherwise they tie); "
+        f"each training domain's OOD mean; mean and population variance of each method's ranks. "
+        f"{caption} {reference}", cells))
     write("table2_ood.csv", csv_text(numbers))
 
-    cells, numbers = explanation_outputs(*explanation_table(results))
+    cue = cue_table(results)
+    cells, numbers = group_outputs(cue)
+    write("cue.md", markdown_table(
+        "The spurious cue: does a method follow it?",
+        "cAcc where the cue shows the class's own colour / another class's; cue-follow rate: of "
+        "the images whose cue points to another class, the share predicted as that class (0 = "
+        "ignores the cue); cue-free cAcc: the same test images rendered without the cue; object "
+        "erased: cAcc with the object's pixels replaced by the erasure baseline (a model that "
+        f"still answers correctly reads something other than the object). {caption}"
+        + ("" if not cue.mean.columns.empty else
+           " This dataset records no cue per image (only the embedded benchmark does)."),
+        cells))
+    write("cue.csv", csv_text(numbers))
+
+    cells, numbers = group_outputs(explanation_table(results))
     write("explanations.md", markdown_table(
         "Explanation stability and golden-mask alignment",
         "Spearman and top-k overlap compare the explanation of a clean image with that of its "

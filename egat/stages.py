@@ -8,12 +8,14 @@ import numpy as np
 
 from egat import io
 from egat.config import Params, params_from_dict
+from egat.run_layout import EVALS, cell_dir, eval_path
 from egat.tracking.mlflow_tracker import MlflowTracker
 
 
 def prepare(params: Params) -> dict:
     """Build or download the dataset, index it and write the seeded 60/20/20 splits."""
     from egat.data import build_embedded, make_splits, save_sample_grid, scan_folder, write_splits
+    from egat.data.embedded import embedded_cues
     from egat.data.domainbed_sources import prepare_source
 
     data = params.data
@@ -28,6 +30,8 @@ def prepare(params: Params) -> dict:
         image_root = prepare_source(data.name, data.sources, data.raw_dir, root / "images")
     index = scan_folder(image_root, on_corrupt=data.on_corrupt)
     splits = make_splits(index, data.split, data.split_seed)
+    if data.name == "embedded":
+        splits.update(embedded_cues(root))
     write_splits(data.splits_file, splits)
     save_sample_grid(root, splits, root / "samples.png", image_size=data.image_size)
     counts = {d: {k: len(v) for k, v in s.items()} for d, s in splits["splits"].items()}
@@ -37,9 +41,15 @@ def prepare(params: Params) -> dict:
 def guides(params: Params) -> None:
     """Precompute grayscale guides (and golden masks where the data has them) for every image."""
     from egat.data import compute_guides, read_splits
+    from egat.data.guides import cue_free_guides_root
+    from egat.data.splits import cue_free_root
 
     data = params.data
-    compute_guides(data.root, read_splits(data.splits_file), data.image_size, data.guides_root)
+    splits = read_splits(data.splits_file)
+    compute_guides(data.root, splits, data.image_size, data.guides_root)
+    if cue_free_root(data.root, splits) is not None:  # the counterfactual renders get their own
+        compute_guides(data.root, splits, data.image_size, cue_free_guides_root(data.guides_root),
+                       images="cue_free")
 
 
 def run_params(params: Params, method: str, domain: str, seed: int) -> Params:
@@ -50,11 +60,7 @@ def run_params(params: Params, method: str, domain: str, seed: int) -> Params:
 
 
 def run_dir(params: Params, method: str, domain: str, seed: int) -> Path:
-    return Path(params.train.out_dir) / method / domain / f"seed{seed}"
-
-
-def eval_path(method: str, domain: str, seed: int, root: str | Path = "evals") -> Path:
-    return Path(root) / method / domain / f"seed{seed}" / "eval.json"
+    return cell_dir(params.train.out_dir, method, domain, seed)
 
 
 def _logged_params(cell: Params, method: str) -> dict:
@@ -94,7 +100,7 @@ def train_run(params: Params, method: str, domain: str, seed: int, name: str | N
 
 
 def evaluate_run(params: Params, method: str, domain: str, seed: int, name: str | None = None,
-                 evals_root: str | Path = "evals") -> dict:
+                 evals_root: str | Path = EVALS) -> dict:
     """Evaluate one cell's best checkpoint on every domain; writes <evals_root>/.../eval.json."""
     from egat.evaluation import evaluate_model
     from egat.train.trainer import model_from_checkpoint, resolve_device

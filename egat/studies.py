@@ -20,6 +20,7 @@ import pandas as pd
 
 from egat.config import Params, apply_overrides, params_from_dict
 from egat.errors import EgatError
+from egat.run_layout import VARIANTS
 from egat.seeding import seeded_scope
 from egat.report import (
     Results, csv_text, find_eval_files, in_domain_outputs, in_domain_table, load_runs,
@@ -27,7 +28,6 @@ from egat.report import (
     per_seed_means, save_png, seeds_caption,
 )
 
-VARIANTS = "variants"  # sub-folder of runs/ and evals/ holding the variants
 
 
 # --- variants -----------------------------------------------------------------------------------
@@ -83,26 +83,26 @@ def missing_note(missing: Sequence[str]) -> str:
 # --- tables -------------------------------------------------------------------------------------
 
 def sensitivity_table(results: Results) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Table III: OOD cAcc per (train -> test) pair and its mean, per run; (cells, numbers)."""
+    """Table III: OOD cAcc per (train -> test) pair and each training domain's OOD mean, per
+    run; (cells, numbers). numbers["OOD mean"] averages the training domains' OOD means."""
     table = ood_table(results)
     cells, numbers = ood_outputs(table)
-    ood_mean = table.mean.mean(axis=1)
-    cells.insert(len(table.mean.columns), "OOD mean", ood_mean.map(lambda v: f"{v:.2f}"))
-    numbers["OOD mean"] = ood_mean
+    numbers["OOD mean"] = table.ood_mean.mean.mean(axis=1)
     return cells, numbers
 
 
 def plot_sensitivity(numbers: pd.DataFrame, path: str | Path) -> Path:
     """Table III as bars: OOD cAcc per row (run) for each train -> test pair, OOD mean as a line."""
-    pairs = [c for c in numbers.columns if " -> " in c and not c.endswith((" rank", " std"))]
+    pairs = [c for c in numbers.columns if " -> " in c
+             and not c.endswith((" rank", " std", " ci_low", " ci_high"))]
     rows = list(numbers.index)
     fig = new_figure(max(6.0, 1.1 * len(rows) + 2.5), 4.4)
     ax = fig.subplots()
     width = 0.8 / max(len(pairs), 1)
     for i, pair in enumerate(pairs):
         offsets = [r + (i - (len(pairs) - 1) / 2) * width for r in range(len(rows))]
-        std = numbers.get(f"{pair} std")  # over seeds: error bars where there are several
-        yerr = std.reindex(rows).fillna(0) if std is not None else None
+        high = numbers.get(f"{pair} ci_high")  # the 95 % interval as error bars
+        yerr = (high - numbers[pair]).reindex(rows).fillna(0) if high is not None else None
         ax.bar(offsets, numbers[pair].reindex(rows), width, yerr=yerr, label=pair, color=f"C{i}")
     if "OOD mean" in numbers and rows:
         ax.plot(range(len(rows)), numbers["OOD mean"].reindex(rows), "k_", markersize=28,
@@ -120,7 +120,7 @@ def plot_sensitivity(numbers: pd.DataFrame, path: str | Path) -> Path:
 
 def ablation_table(results: Results) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Table IV: in-domain cAcc, aAcc, Comp, Suff per training domain; (cells, numbers)."""
-    return in_domain_outputs(*in_domain_table(results))
+    return in_domain_outputs(in_domain_table(results))
 
 
 # --- runtime and Pareto front -------------------------------------------------------------------
@@ -213,10 +213,12 @@ def runtime_points(
 # --- case study ---------------------------------------------------------------------------------
 
 def case_study_images(params: Params, domain: str, count: int):
-    """``count`` test images of ``domain``, one per class in turn: (images, labels, class names)."""
+    """``count`` test images of ``domain``, a stratified subset seeded by ``data.split_seed``,
+    one class after another: (images, labels, class names)."""
     import torch
 
     from egat.data import DomainDataset, read_splits
+    from egat.data.subsets import stratified_indices
 
     splits = read_splits(params.data.splits_file)
     if domain not in splits["domains"]:
@@ -224,11 +226,12 @@ def case_study_images(params: Params, domain: str, count: int):
                         f"{', '.join(splits['domains'])}")
     ds = DomainDataset(params.data.root, splits, [domain], "test", params.data.image_size,
                        "grayscale", guides_root=params.data.guides_root)
+    chosen = stratified_indices(ds.labels, count, params.data.split_seed)
     by_class: dict[int, list[int]] = {}
-    for i, label in enumerate(ds.labels.tolist()):
-        by_class.setdefault(label, []).append(i)
+    for i in chosen.tolist():
+        by_class.setdefault(int(ds.labels[i]), []).append(i)
     order = [by_class[c][k] for k in range(max(map(len, by_class.values())))
-             for c in sorted(by_class) if k < len(by_class[c])][:count]
+             for c in sorted(by_class) if k < len(by_class[c])]
     items = [ds[i] for i in order]
     return (torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items]),
             list(splits["classes"]))
@@ -327,7 +330,7 @@ def build_studies(params: Params, evals_dir: str | Path = "evals", out_dir: str 
         "In-domain test metrics per training domain: cAcc/aAcc (%), Comp (higher is better), "
         "Suff (lower is better). w/o EGL: no explanation guidance (lambda_egl = 0, no explanation "
         "terms in L_mix); w/o AT: no adversarial term (lambda_adv = 0).")
-    mean, _ = over_seeds(per_seed_means(abl.domains), ["method"])
+    mean = over_seeds(per_seed_means(abl.domains), ["method"]).mean
     for name, row in mean.iterrows():
         metrics.update({f"ablation/{name}/{k}": float(row[f"id_{k}"])
                         for k in ("cacc", "aacc", "comp", "suff") if pd.notna(row.get(f"id_{k}"))})

@@ -31,8 +31,9 @@ from egat.config import TUNE_KEYS, Params, TuneParams, params_from_dict
 from egat.errors import EgatError
 
 # The validation metrics each objective needs from the Trainer.
-OBJECTIVE_VAL_METRICS = {"val_cacc+val_aacc": ["aacc"], "val_cacc": [], "val_comp": ["comp"]}
-REPORTED = ("val_cacc", "val_aacc", "val_comp", "objective", "train_loss", "train_acc",
+OBJECTIVE_VAL_METRICS = {"val_cacc+val_aacc": ["aacc"], "val_cacc": [], "val_comp": ["comp"],
+                         "val_cue_free_cacc+val_aacc": ["aacc"]}
+REPORTED = ("val_cacc", "val_aacc", "val_comp", "val_cue_free_cacc", "objective", "train_loss", "train_acc",
             "best_val_acc")
 
 
@@ -72,6 +73,17 @@ def search_space(tp: TuneParams) -> dict[str, Any]:
         else:
             space[key] = tune.uniform(r.low, r.high)
     return space
+
+
+def check_objective(params: Params) -> None:
+    """The cue-free objective needs the embedded benchmark's cue-free renders."""
+    from egat.data import read_splits
+    from egat.data.splits import cue_free_root
+
+    objective = params.tune.objective
+    if "cue_free" in objective and cue_free_root(params.data.root, read_splits(params.data.splits_file)) is None:
+        raise EgatError(f"tune.objective={objective} needs cue-free renders, which only the embedded "
+                        "benchmark has; use val_cacc+val_aacc")
 
 
 def trial_params(params: Params, sample: Mapping[str, float]) -> Params:
@@ -247,6 +259,7 @@ def run_search(
     probe = trial_params(params, {k: _midpoint(tp, k) for k in space})  # bad keys fail here
     steps = probe.train.steps
     make_search(tp, 1)  # a missing optuna fails here
+    check_objective(params)  # an objective the data cannot compute fails here
     if not os.environ.get("RAY_ADDRESS", "").strip():
         max_concurrency(params)  # too many workers per trial for this machine: fail before Ray
     distributed.connect()
@@ -359,7 +372,8 @@ def _summarise(grid, params: Params, name: str, parent_id: str, out) -> SearchRe
     for res in grid:
         m = res.metrics or {}
         row = {"trial_id": m.get("trial_id", ""), **{k: res.config.get(k) for k in tp.searched()}}
-        row.update({k: m.get(k) for k in ("step", "val_cacc", "val_aacc", "val_comp", "objective")
+        row.update({k: m.get(k) for k in ("step", "val_cacc", "val_aacc", "val_comp", "val_cue_free_cacc",
+                                          "objective")
                     if k in m})
         row["error"] = str(res.error).splitlines()[0] if res.error else ""
         trials.append(row)
@@ -370,7 +384,8 @@ def _summarise(grid, params: Params, name: str, parent_id: str, out) -> SearchRe
     best = grid.get_best_result(metric="objective", mode="max", scope="last")
     best_config = {k: float(best.config[k]) for k in tp.searched()}
     best_metrics = {k: v for k, v in (best.metrics or {}).items()
-                    if k in ("step", "val_cacc", "val_aacc", "val_comp", "objective", "trial_id")}
+                    if k in ("step", "val_cacc", "val_aacc", "val_comp", "val_cue_free_cacc", "objective",
+                             "trial_id")}
     path = Path(out or tp.best_params_file)
     header = (f"best of {len(trials)} trials of search {name} (MLflow parent run {parent_id}): "
               f"{tp.objective} = {best_metrics.get('objective', float('nan')):.2f}")
@@ -401,8 +416,10 @@ def _table(result: SearchResult, tp: TuneParams) -> str:
         mark = "*" if t.get("trial_id") == result.best_metrics.get("trial_id") else ""
         rows.append([mark, t.get("trial_id", ""), *[_fmt(t.get(k)) for k in keys],
                      t.get("step", ""), _fmt(t.get("val_cacc")), _fmt(t.get("val_aacc")),
-                     _fmt(t.get("val_comp")), _fmt(t.get("objective")), t.get("error", "")[:40]])
-    headers = ["", "trial", *keys, "step", "val cAcc", "val aAcc", "val Comp", "objective", "error"]
+                     _fmt(t.get("val_comp")), _fmt(t.get("val_cue_free_cacc")), _fmt(t.get("objective")),
+                     t.get("error", "")[:40]])
+    headers = ["", "trial", *keys, "step", "val cAcc", "val aAcc", "val Comp", "val cue-free cAcc",
+               "objective", "error"]
     best = tabulate(
         [[param_key(tp, k), _round(v)] for k, v in result.best_config.items()],
         headers=["best param", "value"], tablefmt="github",

@@ -1,4 +1,4 @@
-"""Baseline methods (SPEC section 3) against hand computations or independent routes."""
+"""Baseline methods (docs/method.md, Baselines) against hand computations or independent routes."""
 
 import copy
 

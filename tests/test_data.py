@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 from dataclasses import replace
@@ -33,7 +34,8 @@ from egat.data import (
     scan_folder,
     write_splits,
 )
-from egat.data.embedded import METADATA_FILE, tint_palette
+from egat.data.embedded import CUE_FREE_DIR, METADATA_FILE, cue_palette, embedded_cues
+from egat.data.subsets import stratified_indices, stratified_subset
 from egat.errors import DataError
 
 LOCAL_WHEEL = Path("/tmp/wheels/animal_mnist-0.4-py3-none-any.whl")  # dev machines; CI downloads
@@ -155,25 +157,120 @@ def test_silhouettes_are_disjoint_across_domains(embedded):
     assert all(a.isdisjoint(b) for i, a in enumerate(sets) for b in sets[i + 1 :])
 
 
-def test_tint_is_spurious_per_domain(embedded):
+def _rgb(path: Path) -> np.ndarray:
+    return cv2.imread(str(path))[..., ::-1].astype(np.float32) / 255
+
+
+def test_cue_is_a_corner_patch_of_the_domains_class_colour(embedded):
     params = EmbeddedParams(**SMALL)
     meta = json.loads((embedded / METADATA_FILE).read_text())
-    perms = [tuple(meta["tint_of_class"][d]) for d in params.domains]
-    assert len(set(perms)) == len(perms)  # each domain maps classes to tints differently
-    palette = tint_palette()
-    chroma = palette - palette.mean(1, keepdims=True)
+    perms = [tuple(meta["colour_of_class"][d]) for d in params.domains]
+    assert len(set(perms)) == len(perms)  # each domain maps classes to colours differently
+    palette, p = cue_palette(), params.patch_size
     for d, domain in enumerate(params.domains):
         records = {k: v for k, v in meta["images"].items() if k.startswith(domain + "/")}
-        matched = np.mean([r["tint_matches"] for r in records.values()])
-        assert abs(matched - params.tint_match[d]) < 0.15
+        matched = np.mean([r["cue_matches"] for r in records.values()])
+        assert abs(matched - params.cue_match[d]) < 0.15
         for rel, record in records.items():
             cls = ANIMAL_CLASSES.index(rel.split("/")[1])
-            assert record["tint_matches"] == (record["tint"] == meta["tint_of_class"][domain][cls])
-            # The background pixels carry the recorded tint: the texture is grey, so its chroma is the tint's.
-            rgb = cv2.imread(str(embedded / "images" / rel))[..., ::-1].astype(np.float32) / 255
-            background = rgb[cv2.imread(str(embedded / "masks" / rel), cv2.IMREAD_GRAYSCALE) == 0].mean(0)
-            seen = background - background.mean()
-            assert int(np.argmin(((chroma * params.tint_strength - seen) ** 2).sum(1))) == record["tint"]
+            colour_of_class = meta["colour_of_class"][domain]
+            assert record["cue_matches"] == (record["colour"] == colour_of_class[cls])
+            assert colour_of_class[record["cue_class"]] == record["colour"]  # the class it points to
+            assert record["patch_overlap_px"] == 0  # a free corner existed for every silhouette
+            image, free = _rgb(embedded / "images" / rel), _rgb(embedded / CUE_FREE_DIR / rel)
+            changed = np.abs(image - free).max(2) > 1 / 255
+            ys, xs = np.nonzero(changed)
+            # The renders differ exactly in one p x p corner square, filled with strength * colour.
+            assert changed.sum() == p * p and ys.max() - ys.min() == xs.max() - xs.min() == p - 1
+            assert ys.min() in (0, 32 - p) and xs.min() in (0, 32 - p)
+            patch = image[ys.min(), xs.min()]
+            np.testing.assert_allclose(patch, params.patch_strength * palette[record["colour"]], atol=1 / 255)
+
+
+def test_cue_free_render_has_no_cue_and_tint_cue_colours_the_background(wheel_cache, tmp_path):
+    params = EmbeddedParams(per_class=10, domains=["grass"], cue_match=[1.0], cue="tint")
+    build_embedded(params, tmp_path / "e", wheel_cache)
+    meta = json.loads((tmp_path / "e" / METADATA_FILE).read_text())
+    palette = cue_palette()
+    chroma = palette - palette.mean(1, keepdims=True)
+    for rel, record in list(meta["images"].items())[:20]:
+        mask = cv2.imread(str(tmp_path / "e" / "masks" / rel), cv2.IMREAD_GRAYSCALE) == 0
+        for tree, tinted in (("images", True), (CUE_FREE_DIR, False)):
+            background = _rgb(tmp_path / "e" / tree / rel)[mask].mean(0)
+            seen = background - background.mean()  # the texture is grey: its chroma is the tint's
+            if tinted:
+                assert int(np.argmin(((chroma * params.tint_strength - seen) ** 2).sum(1))) == record["colour"]
+            else:
+                assert np.abs(seen).max() < 0.01
+
+
+def test_splits_carry_the_cue_free_root_and_every_images_cue_class(embedded):
+    cues = embedded_cues(embedded)
+    meta = json.loads((embedded / METADATA_FILE).read_text())
+    assert Path(cues["cue_free_root"]) == (embedded / CUE_FREE_DIR).resolve()
+    assert cues["cue_class"] == {rel: r["cue_class"] for rel, r in meta["images"].items()}
+
+
+def test_dataset_serves_cue_free_renders_with_their_own_guides(embedded, tmp_path):
+    splits = read_splits(embedded / "splits.json")
+    splits.update(embedded_cues(embedded))
+    compute_guides(embedded, splits, 32, tmp_path / "guides")
+    compute_guides(embedded, splits, 32, tmp_path / "guides" / "cue_free", images="cue_free")
+    observed = DomainDataset(embedded, splits, ["grass"], "test", 32, guides_root=tmp_path / "guides")
+    free = DomainDataset(embedded, splits, ["grass"], "test", 32, guides_root=tmp_path / "guides",
+                         images="cue_free")
+    assert observed.paths == free.paths and torch.equal(observed.labels, free.labels)
+    a, b = observed[0], free[0]
+    assert int(a["cue"]) == splits["cue_class"][observed.paths[0]] and torch.equal(a["mask"], b["mask"])
+    differs = (a["image"] - b["image"]).abs().amax(0) > 1 / 255
+    assert int(differs.sum()) == 25  # the 5 x 5 patch
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"cue": "stripes"}, "cue"),
+    ({"cue_match": [0.9, 0.8, 0.7, 1.5]}, "cue_match entries must lie in [0, 1]"),
+    ({"patch_size": 9}, "patch_size=9 cannot fit beside a 24 px object in 32 px images"),
+    ({"tint_match": [0.9, 0.8, 0.7, 0.6]}, "tint_match was renamed cue_match"),
+])
+def test_bad_cue_params_name_the_key(raw, message):
+    from egat.config import params_from_dict
+    from egat.errors import ParamsError
+
+    with pytest.raises(ParamsError, match=re.escape(message)) as info:
+        params_from_dict({"data": {"embedded": raw}})
+    assert "data.embedded" in str(info.value) and "\n" not in str(info.value)
+
+
+# --- stratified subsets ---------------------------------------------------------------------------
+
+
+def test_stratified_indices_cover_every_class_equally_and_are_seeded():
+    labels = np.repeat(np.arange(10), 50)  # class-sorted, as split lists are
+    chosen = stratified_indices(labels, 200, seed=3)
+    assert len(chosen) == 200 and len(set(chosen)) == 200
+    assert np.bincount(labels[chosen], minlength=10).tolist() == [20] * 10
+    assert np.array_equal(chosen, stratified_indices(labels, 200, seed=3))
+    assert not np.array_equal(chosen, stratified_indices(labels, 200, seed=4))
+    # 23 of 10 classes: two each and three classes get a third; never the first 23 images.
+    counts = np.bincount(labels[stratified_indices(labels, 23, seed=0)], minlength=10)
+    assert sorted(counts.tolist()) == [2] * 7 + [3] * 3
+
+
+def test_stratified_indices_fill_from_larger_classes_and_zero_means_all():
+    labels = np.array([0] * 2 + [1] * 20 + [2] * 20)
+    counts = np.bincount(labels[stratified_indices(labels, 30, seed=0)])
+    assert counts[0] == 2 and counts.sum() == 30 and abs(int(counts[1]) - int(counts[2])) <= 1
+    assert np.array_equal(stratified_indices(labels, 0, seed=0), np.arange(42))
+    assert np.array_equal(stratified_indices(labels, 99, seed=0), np.arange(42))
+
+
+def test_every_evaluation_subset_has_every_class(embedded):
+    """The old first-N cut of a class-sorted test list scored the first classes only."""
+    ds = DomainDataset(embedded, read_splits(embedded / "splits.json"), ["grass"], "test", 32)
+    first = ds.labels[: len(ds) // 2]
+    assert len(set(first.tolist())) < len(ANIMAL_CLASSES)  # what the old cut saw
+    subset = stratified_subset(ds, len(ds) // 2, seed=0)
+    assert {int(ds.labels[i]) for i in subset.indices} == set(range(len(ANIMAL_CLASSES)))
 
 
 # --- folder trees -------------------------------------------------------------------------------------
@@ -346,7 +443,8 @@ def test_dataset_items(embedded, variant, augment):
     ds = DomainDataset(embedded, splits, ["gravel", "grass"], "val", 32, variant, augment)
     assert len(ds) == 40
     item = ds[3]
-    assert set(item) == {"image", "label", "domain", "index", "guide", "mask"}
+    assert set(item) == {"image", "label", "domain", "index", "cue", "guide", "mask"}
+    assert int(item["cue"]) == -1  # these splits record no cue
     assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
     assert item["guide"].shape == item["mask"].shape == (1, 32, 32)
     for key in ("image", "guide"):

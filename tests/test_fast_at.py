@@ -114,7 +114,9 @@ def test_sampler_replays_each_minibatch_m_times_and_resumes_mid_replay():
 class ValSet(torch.utils.data.Dataset):
     def __init__(self, n=10):
         g = torch.Generator().manual_seed(0)
-        self.x, self.y = torch.rand(n, 3, 8, 8, generator=g), torch.arange(n) % 3
+        # class-sorted, as split lists are: 0 0 0 0 1 1 1 2 2 2
+        self.x, self.y = torch.rand(n, 3, 8, 8, generator=g), torch.arange(n) * 3 // n
+        self.labels = self.y
 
     def __len__(self):
         return len(self.x)
@@ -129,6 +131,7 @@ def test_guard_measures_a_fixed_batch_deterministically_and_warns_on_collapse(ca
                                "eval": {"attack": {"steps": 2}}})
     guard = OverfitGuard(params, ValSet(), torch.device("cpu"))
     assert guard.images.shape == (6, 3, 8, 8)
+    assert sorted(guard.labels.tolist()) == [0, 0, 1, 1, 2, 2]  # stratified, not the first six
     assert [s for s in range(1, 101) if guard.due(s)] == [30, 60, 90, 100]
     model = tiny_classifier()
     before = torch.get_rng_state()

@@ -242,6 +242,51 @@ def test_blur_baseline_on_a_constant_image_changes_nothing():
     assert result["suff"] == close(0.0)
 
 
+def test_mean_colour_baseline_by_hand():
+    """Erased pixels take the image's mean colour: red mean 0.45. k = 25% erases pixel 1 (0.6):
+    comp -> sum r = 1.8 - 0.6 + 0.45 = 1.65; suff keeps it: 0.6 + 3 * 0.45 = 1.95 (> 1.8: a negative
+    sufficiency, the prediction grows more confident on the kept evidence)."""
+    model = linear_pixel_model(RED_SUM_MODEL).eval()
+    comp, suff = erasure_scores(model, red_image(), MAP_CLASS_0[None], torch.tensor([0]), [25], "mean")
+    torch.testing.assert_close(comp[:, 0], torch.tensor([P - sigmoid(1.65)]))
+    torch.testing.assert_close(suff[:, 0], torch.tensor([P - sigmoid(1.95)]))
+
+
+@pytest.mark.parametrize("baseline", ["black", "blur", "mean"])
+def test_erasure_scores_equal_an_independent_per_pixel_loop(baseline):
+    """ERASER's definitions computed the slow way: for each image and k, sort the upsampled map's
+    pixels (ties to the lower index), replace the top k% (comp) or all others (suff) one by one."""
+    from egat.metrics.faithfulness import baseline_fill
+
+    from tests.helpers import tiny_classifier
+
+    model = tiny_classifier(num_classes=4).eval()
+    torch.manual_seed(0)
+    images, maps = torch.rand(3, 3, 8, 8), torch.rand(3, 4, 4)
+    target = model(images).argmax(1)
+    ks = [10, 50]
+    comp, suff = erasure_scores(model, images, maps, target, ks, baseline)
+    fill = baseline_fill(images, baseline)
+    up = torch.nn.functional.interpolate(maps[:, None], size=(8, 8), mode="bilinear")[:, 0]
+    for i in range(3):
+        p = model(images[i : i + 1]).softmax(1)[0, target[i]]
+        order = sorted(range(64), key=lambda j: (-float(up[i].flatten()[j]), j))
+        for row, k in enumerate(ks):
+            top = set(order[: max(1, int(k / 100 * 64 + 0.5))])
+            erased, kept = images[i].clone(), images[i].clone()
+            for j in range(64):
+                y, x = divmod(j, 8)
+                if j in top:
+                    erased[:, y, x] = fill[i, :, y, x]
+                else:
+                    kept[:, y, x] = fill[i, :, y, x]
+            with torch.no_grad():
+                c = p - model(erased[None]).softmax(1)[0, target[i]]
+                s = p - model(kept[None]).softmax(1)[0, target[i]]
+            assert float(comp[row, i]) == pytest.approx(float(c), abs=1e-6)
+            assert float(suff[row, i]) == pytest.approx(float(s), abs=1e-6)
+
+
 def test_faithfulness_restores_the_model_mode():
     model = linear_pixel_model(RED_SUM_MODEL).train()
     faithfulness(model, FixedExplainer({0: MAP_CLASS_0}), loader_of(red_image(), torch.tensor([0])),

@@ -1,4 +1,4 @@
-"""Ray Train: the same Trainer on Ray workers (SPEC section 6, issue 5).
+"""Ray Train: the same Trainer on Ray workers (docs/architecture.md).
 
 Fast tests cover the bad inputs (a clear error within seconds) and the dispatch; the slow ones
 share one private Ray session and one tiny dataset per module and check that

@@ -17,9 +17,11 @@ import pytest
 
 from egat.errors import EgatError
 from egat.report import (
+    Stats,
     build_report,
-    descending_min_ranks,
     explanation_table,
+    interval_ranks,
+    over_seeds,
     find_eval_files,
     in_domain_table,
     load_runs,
@@ -39,24 +41,27 @@ SEEDS = [0, 1]
 ATTACKS = ["fgsm", "mifgsm", "pgd"]
 EPS = [0.01, 0.02, 0.03, 0.04]
 
-# OOD cAcc (seed 0, seed 1) per (method, train, test). Means per column, ranks in brackets:
+# OOD cAcc (seed 0, seed 1) per (method, train, test), on OOD_N test images each. Seeds differ by
+# 0.2, so each 95 % interval is sqrt((t_1 * 0.1414 / sqrt 2)^2 + (1.96 sqrt(p (100 - p) / n))^2)
+# ~ +-1.3 to 1.6 wide. Ranks (1 + methods whose interval lies wholly above):
 #   grass->gravel: erm 50 [2], egat 55 [1], igr 45 [3]
-#   grass->brick:  erm 40 [2], egat 40.002 = 40.00 as shown [2] (tie), igr 42 [1]
-#   gravel->grass: erm 60 [3], egat 70 [1], igr 70 [1] (tie)
+#   grass->brick:  erm 40 [1], egat 40.002 [1], igr 42 [1] (all intervals overlap: a tie)
+#   gravel->grass: erm 60 [3], egat 70 [1], igr 66 [2]
 #   gravel->brick: erm 30 [2], egat 35 [1], igr 20 [3]
+OOD_N = 10_000
 OOD_CACC = {
-    ("erm", "grass", "gravel"): (49, 51), ("egat", "grass", "gravel"): (54, 56),
-    ("igr", "grass", "gravel"): (44, 46),
-    ("erm", "grass", "brick"): (39, 41), ("egat", "grass", "brick"): (39.003, 41.001),
-    ("igr", "grass", "brick"): (41, 43),
-    ("erm", "gravel", "grass"): (59, 61), ("egat", "gravel", "grass"): (69, 71),
-    ("igr", "gravel", "grass"): (70, 70),
-    ("erm", "gravel", "brick"): (29, 31), ("egat", "gravel", "brick"): (34, 36),
-    ("igr", "gravel", "brick"): (19, 21),
+    ("erm", "grass", "gravel"): (49.9, 50.1), ("egat", "grass", "gravel"): (54.9, 55.1),
+    ("igr", "grass", "gravel"): (44.9, 45.1),
+    ("erm", "grass", "brick"): (39.9, 40.1), ("egat", "grass", "brick"): (39.903, 40.101),
+    ("igr", "grass", "brick"): (41.9, 42.1),
+    ("erm", "gravel", "grass"): (59.9, 60.1), ("egat", "gravel", "grass"): (69.9, 70.1),
+    ("igr", "gravel", "grass"): (65.9, 66.1),
+    ("erm", "gravel", "brick"): (29.9, 30.1), ("egat", "gravel", "brick"): (34.9, 35.1),
+    ("igr", "gravel", "brick"): (19.9, 20.1),
 }
-EXPECTED_RANKS = {"erm": [2, 2, 3, 2], "egat": [1, 2, 1, 1], "igr": [3, 1, 1, 3]}
-EXPECTED_MEAN_RANK = {"erm": 2.25, "egat": 1.25, "igr": 2.0}
-EXPECTED_RANK_VARIANCE = {"erm": 0.1875, "egat": 0.1875, "igr": 1.0}  # population variance
+EXPECTED_RANKS = {"erm": [2, 1, 3, 2], "egat": [1, 1, 1, 1], "igr": [3, 1, 2, 3]}
+EXPECTED_MEAN_RANK = {"erm": 2.0, "egat": 1.0, "igr": 2.25}
+EXPECTED_RANK_VARIANCE = {"erm": 0.5, "egat": 0.0, "igr": 0.6875}  # population variance
 
 
 def in_domain_metrics(method: str, seed: int) -> dict:
@@ -73,7 +78,8 @@ def domain_entry(method: str, train: str, test: str, seed: int, masks: bool) -> 
     else:
         entry = {"in_domain": False, "cacc": OOD_CACC[method, train, test][seed], "aacc": 5.0,
                  "comp": 10.0, "suff": 8.0}
-    entry.update(spearman=0.5 + 0.1 * i + 0.02 * seed, top_intersection=0.4 + 0.1 * i, n=100)
+    entry.update(spearman=0.5 + 0.1 * i + 0.02 * seed, top_intersection=0.4 + 0.1 * i,
+                 n=100 if test == train else OOD_N)
     if masks:
         entry.update(pointing_game=0.6 + 0.1 * i, mass_in_mask=0.3)
     return entry
@@ -150,19 +156,47 @@ def test_table2_ranks_ties_mean_rank_and_population_variance(results):
     assert table.mean_rank.to_dict() == pytest.approx(EXPECTED_MEAN_RANK)
     assert table.rank_variance.to_dict() == pytest.approx(EXPECTED_RANK_VARIANCE)
     assert table.mean.loc["egat", ("grass", "brick")] == pytest.approx(40.002)
+    # Each training domain's OOD mean: grass -> (gravel, brick), gravel -> (grass, brick).
+    assert table.ood_mean.mean.loc["egat", "grass"] == pytest.approx((55 + 40.002) / 2)
+    assert table.ood_mean.mean.loc["igr", "gravel"] == pytest.approx(43.0)
 
 
-def test_table2_files_show_mean_std_and_rank(report_dir):
+def test_table2_files_show_mean_std_interval_and_rank(report_dir):
     markdown = (report_dir / "table2_ood.md").read_text()
-    assert "| grass -> gravel " in markdown
-    assert "40.00 ± 1.41 [2]" in markdown  # erm and egat tie on grass -> brick
-    assert "70.00 ± 0.00 [1]" in markdown  # igr on gravel -> grass, tied with egat's 70 ± 1.41
+    assert "| grass -> gravel " in markdown and "| grass OOD mean " in markdown
+    # erm grass -> gravel: 50 ± 0.1414; half = sqrt((12.706 * 0.1)^2 + (1.96 * 0.5)^2) = 1.604
+    assert "50.00 ± 0.14 (48.40, 51.60) [2]" in markdown
     csv = pd.read_csv(report_dir / "table2_ood.csv", index_col="method")
     assert list(csv.index) == METHODS
-    assert csv.loc["egat", "grass -> brick rank"] == 2
-    assert csv.loc["igr", "mean rank"] == 2.0
-    assert csv.loc["erm", "rank variance"] == 0.1875
-    assert csv.loc["erm", "grass -> gravel std"] == pytest.approx(2 ** 0.5, abs=1e-4)
+    assert csv.loc["egat", "grass -> brick rank"] == 1
+    assert csv.loc["igr", "mean rank"] == 2.25
+    assert csv.loc["erm", "rank variance"] == 0.5
+    assert csv.loc["erm", "grass -> gravel std"] == pytest.approx(0.02 ** 0.5, abs=1e-4)
+    assert csv.loc["erm", "grass -> gravel ci_low"] == pytest.approx(48.396, abs=2e-3)
+
+
+def test_interval_of_two_seeds_counts_seeds_and_test_images(results):
+    """Table I's erm grass cAcc: seeds 80, 84 on n = 100 test images each (hand-computed)."""
+    stats = in_domain_table(results)
+    seeds = 12.7062 * 8 ** 0.5 / 2 ** 0.5  # t_{0.975, 1} * s / sqrt(k)
+    images = 1.96 * ((80 * 20 / 100 + 84 * 16 / 100) / 2) ** 0.5  # z * sqrt(mean p (100 - p) / n)
+    assert stats.half.loc["erm", ("grass", "cacc")] == pytest.approx((seeds**2 + images**2) ** 0.5,
+                                                                     rel=1e-4)
+
+
+def test_one_seed_interval_is_the_test_sets_alone():
+    per_seed = pd.DataFrame({"method": ["a"], "seed": [0], "cacc": [50.0], "cacc_var": [25.0]})
+    stats = over_seeds(per_seed.set_index(["method", "seed"]), ["method"])
+    assert stats.half.loc["a", "cacc"] == pytest.approx(1.959964 * 5.0)
+    assert pd.isna(stats.std.loc["a", "cacc"])
+
+
+def test_interval_ranks_tie_overlapping_intervals():
+    mean = pd.DataFrame({"c": [50.0, 55.0, 45.0, 53.5]}, index=["a", "b", "c", "d"])
+    half = pd.DataFrame({"c": [2.0, 2.0, 2.0, 1.0]}, index=mean.index)
+    ranks = interval_ranks(Stats(mean, mean * float("nan"), half))
+    # b [53, 57] and d [52.5, 54.5] overlap: both first; a [48, 52] lies below both; c below a.
+    assert ranks["c"].to_dict() == {"a": 3, "b": 1, "c": 4, "d": 1}
 
 
 def test_paper_table2_mean_ranks_and_variances():
@@ -176,7 +210,8 @@ def test_paper_table2_mean_ranks_and_variances():
         [52.64, 62.50, 64.15, 67.40, 67.22, 64.62], [71.49, 79.80, 76.57, 61.45, 61.85, 74.66],
     ]
     methods = ["ERM", "IGR", "IGN", "DRE", "SGDrop", "EGAT"]
-    ranks = descending_min_ranks(pd.DataFrame(columns, columns=methods).T)
+    mean = pd.DataFrame(columns, columns=methods).T
+    ranks = interval_ranks(Stats(mean, mean * float("nan"), mean * 0.0))  # exact values, no interval
     assert ranks.loc["EGAT"].tolist() == [1, 3, 3, 1, 3, 2, 1, 1, 3, 2, 3, 3]
     assert ranks.loc["IGR", 9] == ranks.loc["EGAT", 9] == 2
     mean = ranks.mean(axis=1).round(2).to_dict()
@@ -186,7 +221,8 @@ def test_paper_table2_mean_ranks_and_variances():
 
 
 def test_table1_means_and_std_over_seeds(results):
-    mean, std = in_domain_table(results)
+    stats = in_domain_table(results)
+    mean, std = stats.mean, stats.std
     assert list(mean.columns) == [(d, m) for d in TRAIN_DOMAINS for m in ("cacc", "aacc", "comp", "suff")]
     assert mean.loc["erm", ("grass", "cacc")] == 82.0  # seeds 80, 84
     assert std.loc["erm", ("grass", "cacc")] == pytest.approx(8 ** 0.5)  # sample std
@@ -197,14 +233,14 @@ def test_table1_means_and_std_over_seeds(results):
 def test_table1_files(report_dir):
     markdown = (report_dir / "table1_in_domain.md").read_text()
     assert "| grass cAcc " in markdown and "| gravel Suff " in markdown
-    assert "82.00 ± 2.83" in markdown
+    assert "82.00 ± 2.83 (" in markdown
     csv = pd.read_csv(report_dir / "table1_in_domain.csv", index_col="method")
     assert csv.loc["egat", "gravel aAcc"] == 15.0
     assert csv.loc["egat", "gravel aAcc std"] == pytest.approx(7.0711)
 
 
 def test_explanation_table_stability_and_mask_alignment(results):
-    mean, _ = explanation_table(results)
+    mean = explanation_table(results).mean
     assert list(mean.columns) == [
         "id_spearman", "ood_spearman", "id_top_intersection", "ood_top_intersection",
         "id_pointing_game", "ood_pointing_game", "id_mass_in_mask", "ood_mass_in_mask"]
@@ -214,7 +250,7 @@ def test_explanation_table_stability_and_mask_alignment(results):
 
 def test_explanation_table_leaves_out_mask_metrics_without_masks(tmp_path):
     results = load_runs(find_eval_files(write_runs(tmp_path / "runs", masks=False)))
-    mean, _ = explanation_table(results)
+    mean = explanation_table(results).mean
     assert not [c for c in mean.columns if "pointing_game" in c or "mass_in_mask" in c]
     build_report(tmp_path / "runs", tmp_path / "reports")
     assert "ID pointing game" not in (tmp_path / "reports" / "explanations.md").read_text()
@@ -226,11 +262,11 @@ def test_metrics_json_is_flat_per_method(report_dir):
     for values in metrics.values():
         assert all(isinstance(k, str) and isinstance(v, float) for k, v in values.items())
         assert {"id_cacc", "id_aacc", "ood_cacc", "ood_aacc", "id_comp", "id_suff",
-                "ood_mean_rank", "ood_rank_variance"} <= set(values)
+                "ood_mean_rank", "ood_rank_variance", "id_cacc_ci"} <= set(values)
     assert metrics["egat"]["id_cacc"] == 83.0
-    # Per seed, the mean over training domains of each run's OOD mean: 49.00075 and 51.00025.
-    assert metrics["egat"]["ood_cacc"] == pytest.approx(50.0005, abs=1e-4)
-    assert metrics["egat"]["ood_mean_rank"] == 1.25
+    # The mean over training domains and seeds of each run's OOD mean.
+    assert metrics["egat"]["ood_cacc"] == pytest.approx((55 + 40.002 + 70 + 35) / 4, abs=1e-4)
+    assert metrics["egat"]["ood_mean_rank"] == 1.0
 
 
 def test_sweep_plot_data_for_dvc(results, report_dir):

@@ -65,8 +65,9 @@ def test_streamed_evaluation_is_batch_size_free_and_matches_each_metric_alone():
     alone = {"cacc": acc["clean"], "aacc": acc["pgd"], "comp": faith["comp"], "suff": faith["suff"],
              "spearman": stability["spearman"], "top_intersection": stability["top_intersection"],
              "pointing_game": alignment["pointing_game"], "mass_in_mask": alignment["mass_in_mask"],
-             "n": 40}
-    assert streamed == pytest.approx(alone, rel=1e-5)
+             "n": 40, "n_costly": 40}
+    assert {k: streamed[k] for k in alone} == pytest.approx(alone, rel=1e-5)
+    assert set(streamed) - set(alone) == {"comp_sd", "suff_sd", "object_erased_cacc"}
 
 
 PEAK_RSS = """

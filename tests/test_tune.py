@@ -30,12 +30,13 @@ EMPTY_SPACE = {k: None for k in ("lambda_adv", "lambda_egl", "lambda_mix", "lamb
 
 
 # ---------------------------------------------------------------------------------------- fast
-def test_default_space_is_the_four_lambdas_with_lambda_adv_log_uniform():
+def test_default_space_is_three_lambdas_log_uniform_on_a_validation_objective():
     tp = TuneParams()
-    assert set(tp.searched()) == {"lambda_adv", "lambda_egl", "lambda_mix", "lambda_sparse"}
-    adv = tp.space["lambda_adv"]
+    assert set(tp.searched()) == {"lambda_adv", "lambda_egl", "lambda_mix"}
+    adv, egl = tp.space["lambda_adv"], tp.space["lambda_egl"]
     assert (adv.low, adv.high, adv.log) == (0.25, 16.0, True)
-    assert (tp.scheduler, tp.search, tp.objective) == ("asha", "random", "val_cacc+val_aacc")
+    assert (egl.low, egl.high, egl.log) == (0.3, 30.0, True)
+    assert (tp.scheduler, tp.search, tp.objective) == ("asha", "random", "val_cue_free_cacc+val_aacc")
 
 
 @pytest.mark.parametrize("space, message", [

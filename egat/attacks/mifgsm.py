@@ -48,7 +48,7 @@ class MIFGSM(Attack):
 
     @classmethod
     def from_params(cls, model: nn.Module, params: AttackParams, eps: float) -> "MIFGSM":
-        # The step follows the paper (alpha = eps / steps, SPEC section 4), not params.alpha, which
+        # The step follows the paper (alpha = eps / steps, docs/method.md, Metrics), not params.alpha, which
         # is PGD's step and would not scale with eps in a sweep.
         return cls(
             model, eps, steps=params.steps, decay=params.decay, model_mode=params.model_mode

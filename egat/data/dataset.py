@@ -13,11 +13,19 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from egat.data.folder import decode_rgb
-from egat.data.guides import default_guides_root, digest_images, guide_path, load_guides
-from egat.data.splits import SPLIT_NAMES, domain_paths, images_root
+from egat.data.guides import (
+    cue_free_guides_root,
+    default_guides_root,
+    digest_images,
+    guide_path,
+    load_guides,
+    split_images_dir,
+)
+from egat.data.splits import SPLIT_NAMES, domain_paths
 from egat.errors import DataError
 
 GuideVariant = Literal["grayscale", "noisy", "golden"]
+ImageSet = Literal["observed", "cue_free"]
 IN_MEMORY_LIMIT_BYTES = 256 * 2**20  # decode once and keep when the split's pixels fit in this
 _RERUN_GUIDES = "rerun the guides stage (`dvc repro guides` or `egat guides`)"
 
@@ -30,7 +38,10 @@ def dataset_info(splits: dict[str, Any]) -> tuple[list[str], list[str], bool]:
 class DomainDataset(Dataset):
     """Items: ``image`` (3,S,S) float32 [0,1], ``label``/``domain``/``index`` int64, ``guide``
     (1,S,S) float32 [0,1] (grayscale, or the mask for `golden`; `noisy` gets its noise later in
-    :func:`egat.data.guides.guide_at`), and ``mask`` (1,S,S) float32 {0,1} when the data has masks.
+    :func:`egat.data.guides.guide_at`), ``mask`` (1,S,S) float32 {0,1} when the data has masks,
+    and ``cue`` int64 (the class the image's spurious cue points to; -1 where none is known).
+
+    ``images="cue_free"`` serves the counterfactual renders of the same images (docs/data.md).
 
     ``index`` is the image's id across the whole dataset: its row in its domain's guide file plus the
     sizes of the domains before it in ``splits["domains"]``.
@@ -39,7 +50,7 @@ class DomainDataset(Dataset):
     def __init__(self, data_root: Path, splits: dict[str, Any], domains: list[str],
                  split: Literal["train", "val", "test"], image_size: int,
                  guide_variant: GuideVariant = "grayscale", augment: bool = False,
-                 guides_root: Path | None = None):  # fmt: skip
+                 guides_root: Path | None = None, images: ImageSet = "observed"):  # fmt: skip
         if split not in SPLIT_NAMES:
             raise DataError(f"split={split!r} is not valid; use one of {', '.join(SPLIT_NAMES)}")
         if guide_variant not in ("grayscale", "noisy", "golden"):
@@ -55,8 +66,10 @@ class DomainDataset(Dataset):
         self.image_size = image_size
         self.guide_variant = guide_variant
         self.classes = list(splits["classes"])
-        self._image_dir = images_root(data_root, splits)
+        self._image_dir = split_images_dir(data_root, splits, images)
         guides_root = guides_root or default_guides_root(data_root)
+        if images == "cue_free":
+            guides_root = cue_free_guides_root(guides_root)
         class_ids = {c: i for i, c in enumerate(self.classes)}
 
         offsets = np.cumsum([0] + [len(domain_paths(splits, d)) for d in splits["domains"]])
@@ -77,6 +90,8 @@ class DomainDataset(Dataset):
 
         self.paths = paths
         self.labels = torch.tensor([class_ids[p.split("/")[1]] for p in paths], dtype=torch.int64)
+        cue_of = splits.get("cue_class") or {}
+        self.cues = torch.tensor([cue_of.get(p, -1) for p in paths], dtype=torch.int64)
         self.domains = torch.tensor(domain_ids, dtype=torch.int64)
         self.indices = torch.from_numpy(np.concatenate(indices)).long()
         self._gray = np.concatenate(grays)
@@ -107,6 +122,7 @@ class DomainDataset(Dataset):
             "label": self.labels[i],
             "domain": self.domains[i],
             "index": self.indices[i],
+            "cue": self.cues[i],
             "guide": guide,
         }
         if mask is not None:

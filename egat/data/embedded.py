@@ -1,8 +1,11 @@
 """The offline embedded benchmark: animal-mnist silhouettes composited on scikit-image textures.
 
 A TerraIncognita-like set of four domains ("locations" = background textures) where the animal's
-shape is the causal signal and a per-domain class -> background-tint association is the spurious one.
-docs/data.md explains the design; this module only builds it, deterministically from the params.
+shape is the causal signal and a per-domain class -> colour association is the spurious one: by
+default a small colour patch in an image corner the animal does not touch (``cue: patch``), or the
+whole background tinted (``cue: tint``, the negative control that explanation guidance cannot
+remove). Every image is also rendered without its cue (the cue-free counterfactual). docs/data.md
+explains the design; this module only builds it, deterministically from the params.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ OBJECT_VALUE_RANGE = (0.75, 1.0)  # HSV value of the object fill
 OBJECT_SATURATION_RANGE = (0.0, 0.6)
 OBJECT_NOISE_STD = 0.06
 METADATA_FILE = "embedded.json"
+CUE_FREE_DIR = "cue_free"  # the counterfactual renders, same relative paths as images/
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,10 @@ class Silhouettes:
 def build_embedded(params: EmbeddedParams, out_root: Path, cache_dir: Path) -> None:
     """Build the benchmark into ``out_root`` (replaced as a whole once the new copy is complete).
 
-    Writes ``images/<domain>/<class>/<domain>_<class>_<NNNN>.png``, the golden masks under
-    ``masks/`` with the same relative paths, and ``embedded.json`` (params, tint palette and each
-    image's silhouette and tint, for analyses such as accuracy when the tint does or does not match).
+    Writes ``images/<domain>/<class>/<domain>_<class>_<NNNN>.png``, the same images rendered
+    without their cue under ``cue_free/``, the golden masks under ``masks/`` (same relative
+    paths), and ``embedded.json`` (params, palette, and each image's silhouette, cue colour and
+    cue class: the class whose colour the cue shows in that domain).
     """
     out_root = Path(out_root)
     if len(set(params.domains)) != len(params.domains):
@@ -74,14 +79,25 @@ def build_embedded(params: EmbeddedParams, out_root: Path, cache_dir: Path) -> N
         metadata = {
             "params": params.model_dump(),
             "classes": ANIMAL_CLASSES,
-            "palette": tint_palette().round(4).tolist(),
-            "tint_of_class": {n: domain_tints(params, d).tolist() for d, n in enumerate(params.domains)},
+            "palette": cue_palette().round(4).tolist(),
+            "colour_of_class": {n: domain_colours(params, d).tolist() for d, n in enumerate(params.domains)},
             "images": records,
         }
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
         _replace_dir(tmp, out_root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def embedded_cues(out_root: Path) -> dict:
+    """The keys the splits file gains for a built benchmark: where the cue-free renders are, and
+    each image's cue class (the class whose colour its cue shows; -1 for ``cue: none``)."""
+    metadata = json.loads((Path(out_root) / METADATA_FILE).read_text())
+    no_cue = metadata["params"]["cue"] == "none"
+    return {
+        "cue_free_root": str((Path(out_root) / CUE_FREE_DIR).resolve()),
+        "cue_class": {rel: -1 if no_cue else r["cue_class"] for rel, r in metadata["images"].items()},
+    }
 
 
 # --- the wheel -------------------------------------------------------------------------------------
@@ -189,14 +205,14 @@ def load_texture(name: str) -> np.ndarray:
     return rgb2gray(image[..., :3]) if image.ndim == 3 else image
 
 
-def tint_palette() -> np.ndarray:
+def cue_palette() -> np.ndarray:
     """Ten fully saturated colours at evenly spaced hues, (10, 3) RGB in [0, 1]."""
     n = len(ANIMAL_CLASSES)
     return np.array([colorsys.hsv_to_rgb(k / n, 1.0, 1.0) for k in range(n)], dtype=np.float32)
 
 
-def domain_tints(params: EmbeddedParams, d: int) -> np.ndarray:
-    """Palette index of each class's tint in domain ``d``: a per-domain permutation."""
+def domain_colours(params: EmbeddedParams, d: int) -> np.ndarray:
+    """Palette index of each class's cue colour in domain ``d``: a per-domain permutation."""
     rng = np.random.default_rng([params.seed, d, 0])
     return rng.permutation(len(ANIMAL_CLASSES))
 
@@ -204,43 +220,50 @@ def domain_tints(params: EmbeddedParams, d: int) -> np.ndarray:
 def _write_domain(root: Path, d: int, domain: str, texture: np.ndarray,
                   silhouettes: Silhouettes, params: EmbeddedParams) -> dict:  # fmt: skip
     rng = np.random.default_rng([params.seed, d, 1])
-    palette = tint_palette()
-    class_tint = domain_tints(params, d)
-    match_p = params.tint_match[d]
+    palette = cue_palette()
+    class_colour = domain_colours(params, d)
+    cue_class = np.argsort(class_colour)  # palette index -> the class it stands for here
+    match_p = params.cue_match[d]
     records = {}
     for label, cls in enumerate(ANIMAL_CLASSES):
-        (root / "images" / domain / cls).mkdir(parents=True)
-        (root / "masks" / domain / cls).mkdir(parents=True)
+        for tree in ("images", CUE_FREE_DIR, "masks"):
+            (root / tree / domain / cls).mkdir(parents=True)
         own = slice(d * params.per_class, (d + 1) * params.per_class)  # disjoint across domains
         pool = np.flatnonzero(silhouettes.labels == label)[own]
         for n, sil_index in enumerate(pool):
             if rng.random() < match_p:
-                tint = int(class_tint[label])
-            else:  # any of the other nine tints, uniformly
-                tint = int(rng.choice(np.delete(np.arange(len(palette)), class_tint[label])))
-            image, mask = compose(silhouettes.images[sil_index], texture, palette[tint], params, rng)
+                colour = int(class_colour[label])
+            else:  # any of the other nine colours, uniformly
+                colour = int(rng.choice(np.delete(np.arange(len(palette)), class_colour[label])))
+            image, cue_free, mask, overlap = compose(
+                silhouettes.images[sil_index], texture, palette[colour], params, rng)
             rel = f"{domain}/{cls}/{domain}_{cls}_{n:04d}.png"
             _imwrite(root / "images" / rel, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            _imwrite(root / CUE_FREE_DIR / rel, cv2.cvtColor(cue_free, cv2.COLOR_RGB2BGR))
             _imwrite(root / "masks" / rel, mask)
-            matches = bool(tint == class_tint[label])
-            records[rel] = {"silhouette": int(sil_index), "tint": tint, "tint_matches": matches}
+            records[rel] = {"silhouette": int(sil_index), "colour": colour,
+                            "cue_class": int(cue_class[colour]), "cue_matches": bool(colour == class_colour[label]),
+                            "patch_overlap_px": overlap}  # fmt: skip
     return records
 
 
-def compose(silhouette: np.ndarray, texture: np.ndarray, tint: np.ndarray,
-            params: EmbeddedParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """One RGB uint8 image and its 0/255 object mask.
+def compose(silhouette: np.ndarray, texture: np.ndarray, colour: np.ndarray,
+            params: EmbeddedParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:  # fmt: skip
+    """One RGB uint8 image, the same image without its cue, its 0/255 object mask, and the number
+    of object pixels the patch lies under (0 unless no corner is free of the animal).
 
-    background = (1 - s) * BRIGHTNESS * texture crop + s * tint (s = tint_strength);
-    object = a random bright colour + noise, alpha-blended with the resized silhouette.
+    background = BRIGHTNESS * texture crop; with ``cue: tint`` it becomes
+    (1 - s) * background + s * colour (s = tint_strength); with ``cue: patch`` a ``patch_size``
+    square of ``patch_strength * colour`` sits in a random corner the silhouette leaves free.
+    The object (a random bright colour + noise) is alpha-blended over the background last, so
+    both renderings share every random draw and differ only in the cue.
     """
     size = params.image_size
     crop = min(TEXTURE_CROP_FACTOR * size, *texture.shape)
     y = rng.integers(0, texture.shape[0] - crop + 1)
     x = rng.integers(0, texture.shape[1] - crop + 1)
     gray = cv2.resize(texture[y : y + crop, x : x + crop], (size, size), interpolation=cv2.INTER_AREA)
-    s = params.tint_strength
-    background = (1 - s) * BACKGROUND_BRIGHTNESS * gray[..., None] + s * tint
+    plain = np.repeat(BACKGROUND_BRIGHTNESS * gray[..., None], 3, axis=2)
 
     obj = params.object_size
     interp = cv2.INTER_AREA if obj < silhouette.shape[0] else cv2.INTER_LINEAR
@@ -256,10 +279,32 @@ def compose(silhouette: np.ndarray, texture: np.ndarray, tint: np.ndarray,
     fill = np.array(colorsys.hsv_to_rgb(hue, sat, val), np.float32)
     fill = fill + rng.normal(0.0, OBJECT_NOISE_STD, size=(size, size, 3)).astype(np.float32)
 
-    image = alpha[..., None] * fill + (1 - alpha[..., None]) * background
-    image = (image.clip(0, 1) * 255).round().astype(np.uint8)
+    cued, overlap = plain.copy(), 0
+    if params.cue == "tint":
+        s = params.tint_strength
+        cued = (1 - s) * plain + s * colour
+    elif params.cue == "patch":
+        (py, px), overlap = _patch_corner(alpha, params.patch_size, rng)
+        p = params.patch_size
+        cued[py : py + p, px : px + p] = params.patch_strength * colour
+
+    def render(background: np.ndarray) -> np.ndarray:
+        image = alpha[..., None] * fill + (1 - alpha[..., None]) * background
+        return (image.clip(0, 1) * 255).round().astype(np.uint8)
+
     mask = np.where(alpha >= 0.5, 255, 0).astype(np.uint8)
-    return image, mask
+    return render(cued), render(plain), mask, overlap
+
+
+def _patch_corner(alpha: np.ndarray, p: int, rng: np.random.Generator) -> tuple[tuple[int, int], int]:
+    """A random image corner whose p x p square the silhouette does not touch (alpha > 0), and
+    the overlap in pixels; where every corner is touched, the least-touched one."""
+    size = alpha.shape[0]
+    corners = [(0, 0), (0, size - p), (size - p, 0), (size - p, size - p)]
+    overlaps = [int((alpha[y : y + p, x : x + p] > 0).sum()) for y, x in corners]
+    free = [i for i, o in enumerate(overlaps) if o == 0]
+    chosen = int(rng.choice(free)) if free else int(np.argmin(overlaps))
+    return corners[chosen], overlaps[chosen]
 
 
 def _imwrite(path: Path, image: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""Guide maps M(x) (SPEC section 1): stored per domain at image resolution, downsampled at train time.
+"""Guide maps M(x) (docs/method.md, Notation): stored per domain at image resolution, downsampled at train time.
 
 ``<guides_root>/<domain>.npz`` holds, in split-file order (train, val, test):
 ``paths``, ``grayscale`` (N, S, S) uint8, ``mask`` (N, S, S) uint8 0/255 where the data has masks,
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from egat.data.folder import decode_mask, decode_rgb, mask_relpath
-from egat.data.splits import domain_paths, images_root, masks_root
+from egat.data.splits import cue_free_root, domain_paths, images_root, masks_root
 from egat.errors import DataError
 
 GUIDES_DIR = "guides"
@@ -28,6 +28,11 @@ _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 def default_guides_root(data_root: Path) -> Path:
     return Path(data_root) / GUIDES_DIR
+
+
+def cue_free_guides_root(guides_root: Path) -> Path:
+    """Guides of the cue-free counterfactual renders, beside the observed images' guides."""
+    return Path(guides_root) / "cue_free"
 
 
 def guide_path(guides_root: Path, domain: str) -> Path:
@@ -47,12 +52,13 @@ def digest_images(file_sha256: list[str]) -> str:
 
 
 def compute_guides(data_root: Path, splits: dict[str, Any], image_size: int,
-                   guides_root: Path | None = None) -> None:  # fmt: skip
+                   guides_root: Path | None = None, images: str = "observed") -> None:  # fmt: skip
     """Write ``<guides_root>/<domain>.npz`` (default ``<data_root>/guides``) for every domain
     of ``splits``, atomically. The pipeline keeps guides outside the prepared data folder.
+    ``images="cue_free"`` reads the counterfactual renders instead (same paths, same masks).
     """
     guides_root = guides_root or default_guides_root(data_root)
-    image_dir = images_root(data_root, splits)
+    image_dir = split_images_dir(data_root, splits, images)
     mask_dir = masks_root(data_root, splits) if splits["has_masks"] else None
     for domain in splits["domains"]:
         paths = domain_paths(splits, domain)
@@ -80,6 +86,17 @@ def compute_guides(data_root: Path, splits: dict[str, Any], image_size: int,
         if mask_dir is not None:
             arrays["mask"] = np.stack([mask for _, _, mask in rows])
         _save_npz(guide_path(guides_root, domain), arrays)
+
+
+def split_images_dir(data_root: Path, splits: dict[str, Any], images: str) -> Path:
+    """The folder of the observed images or of their cue-free renders."""
+    if images == "observed":
+        return images_root(data_root, splits)
+    root = cue_free_root(data_root, splits) if images == "cue_free" else None
+    if root is None:
+        raise DataError(f"images={images!r}: this dataset has no cue-free renders (only the embedded "
+                        "benchmark does); use observed")
+    return root
 
 
 def load_guides(guides_root: Path, domain: str) -> dict[str, np.ndarray]:

@@ -62,7 +62,7 @@ def write_splits(path: Path, splits: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stored = dict(splits)
-    for key in ("images_root", "masks_root"):
+    for key in ("images_root", "masks_root", "cue_free_root"):
         if stored.get(key):
             stored[key] = _relative_if_inside(Path(stored[key]), path.parent.resolve())
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -90,6 +90,11 @@ def images_root(data_root: Path, splits: dict[str, Any]) -> Path:
 
 def masks_root(data_root: Path, splits: dict[str, Any]) -> Path | None:
     return Path(data_root) / splits["masks_root"] if splits.get("masks_root") else None
+
+
+def cue_free_root(data_root: Path, splits: dict[str, Any]) -> Path | None:
+    """The cue-free counterfactual renders (same relative paths as the images), where the data has them."""
+    return Path(data_root) / splits["cue_free_root"] if splits.get("cue_free_root") else None
 
 
 def domain_paths(splits: dict[str, Any], domain: str) -> list[str]:

@@ -14,7 +14,7 @@ explainer_registry: Registry[type["Explainer"]] = Registry("explainer")
 
 
 def normalise_maps(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per-sample max normalisation of non-negative maps (B, h, w) to [0, 1] (SPEC section 1)."""
+    """Per-sample max normalisation of non-negative maps (B, h, w) to [0, 1] (docs/method.md, Notation)."""
     return maps / (maps.amax(dim=(1, 2), keepdim=True) + eps)
 
 

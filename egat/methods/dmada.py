@@ -1,6 +1,6 @@
 """DMADA as DomainBed's ``Mixup`` (Yan et al., "Improve Unsupervised Domain Adaptation with Mixup
 Training", arXiv 2001.00677, 2020, after DM-ADA: Xu et al., "Adversarial Domain Adaptation with
-Domain Mixup", AAAI 2020): inter-domain mixup for domain generalisation (SPEC section 3).
+Domain Mixup", AAAI 2020): inter-domain mixup for domain generalisation (docs/method.md, Baselines).
 
 For each pair (i, j) of DomainBed's ``random_pairs_of_minibatches`` over the batch's domains
 (a random order of the domains, each paired with the next, cyclically; both truncated to the

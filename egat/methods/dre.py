@@ -1,12 +1,12 @@
 """DRE: T. Li, F. Qiao, M. Ma & X. Peng, "Are Data-driven Explanations Robust against
 Out-of-distribution Data?", CVPR 2023 (Distributionally Robust Explanations), with Grad-CAM
-explanations (SPEC section 3).
+explanations (docs/method.md, Baselines).
 
 Per class c in the batch, samples of class c are mixed with a random partner of the same class:
 x~ = lam x + (1 - lam) x_perm,  lam ~ Beta(a, a), one lam per batch, perm within each class;
 L = CE(f(x), y) + lambda_expl * L1(E_y(x~), lam E_y(x) + (1 - lam) E_y(x_perm))
     + lambda_sparse * mean |E_y(x~)| + lambda_mix * CE(f(x~), y)
-Defaults (SPEC): lambda_expl 1.0, lambda_sparse 0.5, lambda_mix 0.1, a 0.2. E is the training
+Defaults (docs/method.md, Baselines): lambda_expl 1.0, lambda_sparse 0.5, lambda_mix 0.1, a 0.2. E is the training
 explainer (``params.explainer``, Grad-CAM), differentiable; x and x~ share one forward pass.
 A class with one sample in the batch is mixed with itself (its consistency term is 0).
 """

@@ -1,4 +1,4 @@
-"""EGAT: Explanation-Guided Adversarial Training (SPEC section 2, paper Eq. 5-10).
+"""EGAT: Explanation-Guided Adversarial Training (docs/method.md, Objective, paper Eq. 5-10).
 
 L = L_cls + lambda_adv L_adv + lambda_egl L_egl + lambda_mix L_mix
   L_cls = CE(f(x), y)
@@ -24,7 +24,7 @@ from egat.data.guides import guide_at
 from egat.explain import build_explainer
 from egat.methods.base import LossOutput, Method, MethodConfig, distance, method_registry
 
-# Presets of (lambda_adv, lambda_egl, lambda_mix, lambda_sparse, mix_alpha); SPEC section 2 says why.
+# Presets of (lambda_adv, lambda_egl, lambda_mix, lambda_sparse, mix_alpha); docs/method.md, Objective says why.
 PRESETS = {
     "default": dict(lambda_adv=6.0, lambda_egl=1.0, lambda_mix=1.0, lambda_sparse=0.2, mix_alpha=0.2),
     "paper": dict(lambda_adv=0.5, lambda_egl=1.0, lambda_mix=1.0, lambda_sparse=1.0, mix_alpha=0.2),

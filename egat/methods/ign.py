@@ -12,7 +12,7 @@ start (at x' = x the IG is 0 and its L1 norm has a zero gradient), differentiati
 (double backprop) with the coarser ``attack_m``-point sum (the authors' "approx" attack:
 m / approx_factor = 50 / 10 = 5 points). The outer term differentiates through IG at the found x'
 (create_graph). Defaults: lambda 0.1 (the authors' natural-image setting, Flower), m 10 (theirs 50;
-SPEC section 3: small for speed), attack_m 5 (theirs 5), 3 inner steps (theirs 7).
+docs/method.md, Baselines: small for speed), attack_m 5 (theirs 5), 3 inner steps (theirs 7).
 The IG term of the loss is computed with the model in ``ig_mode`` (default eval; the authors'
 models have no BatchNorm, so neither choice is theirs): eval mode gives each sample its exact IG
 (no coupling through batch statistics), keeps the m * B interpolated images out of BatchNorm's

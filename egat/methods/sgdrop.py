@@ -4,7 +4,7 @@ Saliency-Guided Regularization Approach", arXiv 2409.17370, 2024 (the paper's re
 A = features(x) (last block, (B, C, h, w)); saliency S = ReLU(dS_y/dA * A) (detached; S_y the
 true-class logit); the top-rho fraction of the C*h*w entries of S per sample are dropped:
 L = CE(head(A * M), y),  M = 0 on the round(rho * C*h*w) most salient entries, 1 elsewhere.
-rho = 0.1 (SPEC section 3). No rescaling of the kept entries. The saliency gradient only runs
+rho = 0.1 (docs/method.md, Baselines). No rescaling of the kept entries. The saliency gradient only runs
 through the head (GAP -> dropout -> linear), so it costs almost nothing; the returned logits are
 the clean head(A) of the same forward pass.
 """

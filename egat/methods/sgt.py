@@ -4,7 +4,7 @@ Training", NeurIPS 2021.
 S = |grad_x f_t(x)| (t the true label, or the predicted one); x_masked = x with the
 round(k * C*H*W) input features of lowest S replaced by U(0, 1) values (random masking in pixel
 scale);
-L = CE(f(x), y) + lambda * KL(p(x) || p(x_masked)),   k = 0.1, lambda = 1 (SPEC section 3).
+L = CE(f(x), y) + lambda * KL(p(x) || p(x_masked)),   k = 0.1, lambda = 1 (docs/method.md, Baselines).
 As in the authors' code (github.com/ayaabdelsalam91/saliency_guided_training) the saliency is
 computed with the model in eval mode and the target is the true label; x_masked is detached.
 """

@@ -1,4 +1,4 @@
-"""Evaluation metrics, streamed over DataLoaders of dict batches (SPEC section 4).
+"""Evaluation metrics, streamed over DataLoaders of dict batches (docs/method.md, Metrics).
 
 Accuracy (cAcc / aAcc), explanation faithfulness (comprehensiveness / sufficiency), stability of
 explanations under attack, and alignment with golden masks.

@@ -1,4 +1,4 @@
-"""Clean and adversarial top-1 accuracy (cAcc, aAcc; SPEC section 4), streamed over a DataLoader.
+"""Clean and adversarial top-1 accuracy (cAcc, aAcc; docs/method.md, Metrics), streamed over a DataLoader.
 
 Also home of :func:`iterate_batches`, the batch stream every metric in this package reads.
 """

@@ -1,4 +1,4 @@
-"""Alignment of explanations with golden object masks (beyond the paper; SPEC section 4).
+"""Alignment of explanations with golden object masks (beyond the paper; docs/method.md, Metrics).
 
 * Pointing game (Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016; here
   without tolerance): a hit when the maximum of the upsampled explanation lies inside the mask.

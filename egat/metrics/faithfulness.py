@@ -1,4 +1,4 @@
-"""Comprehensiveness and sufficiency of explanations (ERASER AOPC form, SPEC section 4).
+"""Comprehensiveness and sufficiency of explanations (ERASER AOPC form, docs/method.md, Metrics).
 
 DeYoung et al., "ERASER: A Benchmark to Evaluate Rationalized NLP Models", ACL 2020, adapted to
 images: for the predicted class c and each k in ``ks`` (percent of pixels),
@@ -26,7 +26,7 @@ from torchvision.transforms.functional import gaussian_blur
 from egat.attacks.base import model_mode
 from egat.metrics.accuracy import iterate_batches
 
-Baseline = Literal["black", "blur"]
+Baseline = Literal["black", "blur", "mean"]
 
 
 def descending_ranks(scores: torch.Tensor) -> torch.Tensor:
@@ -62,6 +62,18 @@ def blur_baseline(images: torch.Tensor, sigma: float | None = None) -> torch.Ten
     return gaussian_blur(images, [kernel, kernel], [sigma, sigma])
 
 
+def baseline_fill(images: torch.Tensor, baseline: Baseline, blur_sigma: float | None = None):
+    """What erased pixels become: black (0), a blurred copy (:func:`blur_baseline`), or each
+    image's mean colour (B, C, 1, 1)."""
+    if baseline == "black":
+        return torch.zeros_like(images)
+    if baseline == "blur":
+        return blur_baseline(images, blur_sigma)
+    if baseline == "mean":
+        return images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+    raise ValueError(f"baseline must be 'black', 'blur' or 'mean', got {baseline!r}")
+
+
 def erasure_scores(
     model: nn.Module,
     images: torch.Tensor,
@@ -81,7 +93,7 @@ def erasure_scores(
         maps: explanations of ``target``, (B, h, w) at any resolution (upsampled to H x W).
         target: (B,) class whose probability is measured (the predicted class).
         ks: percentages of pixels, each in (0, 100]; k% of H*W is rounded, at least one pixel.
-        baseline: "black" (0) or "blur" (:func:`blur_baseline`).
+        baseline: "black", "blur" or "mean" (:func:`baseline_fill`).
         clean_prob: p_target(images), (B,), if already known (saves a forward pass).
         blur_sigma: see :func:`blur_baseline`.
         forward_batch: most images per forward pass; the 2 * len(ks) variants of the batch go
@@ -101,7 +113,7 @@ def erasure_scores(
         top = ranks[None] < counts[:, None, None]  # (K, B, H*W)
         # comp erases the top pixels, suff erases the others: 2K variants of every image.
         erase = torch.cat([top, ~top]).view(2 * len(ks), batch, 1, height, width)
-        fill = 0.0 if baseline == "black" else blur_baseline(images, blur_sigma)
+        fill = baseline_fill(images, baseline, blur_sigma)
         per_pass = max(1, forward_batch // batch)
         erased_probs = []
         for group in erase.split(per_pass):
@@ -141,8 +153,8 @@ def faithfulness(
         faithfulness(model, GradCAM(model), test_loader, "cpu", ks=[1, 5, 10, 20, 50])
         # {"comp": 31.2, "suff": 12.5, "comp_k1": 4.0, ...}
     """
-    if baseline not in ("black", "blur"):
-        raise ValueError(f"faithfulness: baseline must be 'black' or 'blur', got {baseline!r}")
+    if baseline not in ("black", "blur", "mean"):
+        raise ValueError(f"faithfulness: baseline must be 'black', 'blur' or 'mean', got {baseline!r}")
     comp_sum = torch.zeros(len(ks), dtype=torch.float64)
     suff_sum = torch.zeros(len(ks), dtype=torch.float64)
     total = 0

@@ -1,4 +1,4 @@
-"""Stability of explanations under attack (beyond the paper; SPEC section 4).
+"""Stability of explanations under attack (beyond the paper; docs/method.md, Metrics).
 
 For each image, E(x) (the explanation of the predicted class c on x) is compared with E(x') (the
 explanation of the same class c on x' = attack(x, y)) on the flattened feature-resolution maps by

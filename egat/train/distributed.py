@@ -50,6 +50,7 @@ CONNECT_TIMEOUT_S = 5.0
 # Names of the metrics workers report (to Ray Train, and to Tune through TuneReportCallback).
 REPORT_NAMES = {
     "val/acc": "val_cacc", "val/aacc": "val_aacc", "val/comp": "val_comp",
+    "val/cue_free_acc": "val_cue_free_cacc",
     "train/loss": "train_loss", "train/acc": "train_acc", "best_val_acc": "best_val_acc",
 }
 

@@ -16,14 +16,15 @@ from torch.utils.data import Dataset, default_collate
 
 from egat.attacks import build_attack, model_mode
 from egat.config import Params
+from egat.data.subsets import stratified_indices
 from egat.seeding import seeded_scope
 
 log = logging.getLogger(__name__)
 
 
 class OverfitGuard:
-    """Accuracy (percent) under ``params.eval.attack`` on the first ``guard.examples`` images of
-    ``val_ds``; the attack's random start is seeded by ``train.seed`` on a forked RNG, so every
+    """Accuracy (percent) under ``params.eval.attack`` on ``guard.examples`` images of ``val_ds``
+    (a stratified subset, seeded by ``data.split_seed``); the attack's random start is seeded by ``train.seed`` on a forked RNG, so every
     check sees the same attack and training's RNG stream is untouched.
 
     Example::
@@ -37,8 +38,8 @@ class OverfitGuard:
     def __init__(self, params: Params, val_ds: Dataset, device: torch.device):
         self.params = params
         self.cfg = params.train.guard
-        count = min(self.cfg.examples, len(val_ds))
-        batch = default_collate([val_ds[i] for i in range(count)])
+        rows = stratified_indices(val_ds.labels, self.cfg.examples, params.data.split_seed)
+        batch = default_collate([val_ds[int(i)] for i in rows])
         self.images = batch["image"].to(device)
         self.labels = batch["label"].to(device)
         self.device = device

@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 from egat import io
 from egat.config import Params, TrainParams
 from egat.data import DomainDataset, read_splits
+from egat.data.splits import cue_free_root
+from egat.data.subsets import stratified_subset
 from egat.errors import EgatError
 from egat.methods import build_method
 from egat.metrics.accuracy import evaluate_accuracy
@@ -73,12 +75,37 @@ def training_domains(params: Params, domains: list[str]) -> list[str]:
     return chosen
 
 
-def build_dataset(params: Params, splits: dict, domains: list[str], split: str, augment=False):
+def build_dataset(params: Params, splits: dict, domains: list[str], split: str, augment=False,
+                  images: str | None = None):
     data = params.data
     return DomainDataset(
         data.root, splits, domains, split, data.image_size, params.guides.variant, augment,
-        guides_root=data.guides_root,
+        guides_root=data.guides_root, images=images or params.train.images,
     )
+
+
+def check_selection(params: Params, splits: dict) -> None:
+    """``train.select`` and ``train.images`` ask only for what the data has."""
+    t = params.train
+    if cue_free_root(params.data.root, splits) is None:
+        for key, value in (("train.select", t.select), ("train.images", t.images)):
+            if value.startswith("cue_free"):
+                valid = "val, last" if key == "train.select" else "observed"
+                raise EgatError(f"{key}={value} needs cue-free renders, which only the embedded "
+                                f"benchmark has; use {valid}")
+
+
+def selection_score(rule: str, val: dict[str, float], step: int) -> float:
+    """The number ``train.select`` maximises over validations (higher = the new best.pt)."""
+    return {"val": lambda: val["val/acc"], "last": lambda: float(step),
+            "cue_free_val": lambda: val["val/cue_free_acc"]}[rule]()
+
+
+def validation_loader(params: Params, dataset) -> DataLoader:
+    """The validation split, or a stratified subset of ``train.val_batches`` batches of it."""
+    subset = stratified_subset(dataset, params.train.val_batches * params.eval.batch_size,
+                               params.data.split_seed)
+    return DataLoader(subset, batch_size=params.eval.batch_size, num_workers=params.data.num_workers)
 
 
 def params_fingerprint(params: Params) -> str:
@@ -102,26 +129,30 @@ def checkpoint_payload(model: Classifier, params: Params, splits: dict, **extra)
     }
 
 
-def validation_metrics(model: Classifier, params: Params, loader, device: torch.device) -> dict:
-    """cAcc on ``train.val_batches`` validation batches, plus ``train.val_metrics``: aAcc under
-    ``eval.attack`` and comprehensiveness of ``eval.explainer`` (as in evaluation), all in percent.
+def validation_metrics(model: Classifier, params: Params, loader, device: torch.device,
+                       cue_free_loader=None) -> dict:  # fmt: skip
+    """cAcc on the validation ``loader`` (see :func:`validation_loader`), plus ``train.val_metrics``:
+    aAcc under ``eval.attack`` and comprehensiveness of ``eval.explainer`` (as in evaluation), and
+    cAcc on the cue-free renders of the same images where ``cue_free_loader`` is given; percent.
 
     The attack's random start draws from a forked RNG seeded by ``train.seed``, so validation is
     deterministic and leaves the training RNG stream untouched.
     """
     t = params.train
-    max_examples = t.val_batches * params.eval.batch_size
+    extra = {}
+    if cue_free_loader is not None:
+        extra["val/cue_free_acc"] = evaluate_accuracy(model, cue_free_loader, device)["clean"]
     if not t.val_metrics:
-        acc = evaluate_accuracy(model, loader, device, max_examples=max_examples)
-        return {"val/acc": acc["clean"]}
+        acc = evaluate_accuracy(model, loader, device)
+        return {"val/acc": acc["clean"], **extra}
     from egat.attacks import build_attack
 
     with seeded_scope(t.seed, device):
         attacks = {}
         if "aacc" in t.val_metrics:
             attacks["aacc"] = build_attack(model, params.eval.attack)
-        acc = evaluate_accuracy(model, loader, device, attacks, max_examples)
-    out = {"val/acc": acc["clean"], **{f"val/{k}": v for k, v in acc.items() if k != "clean"}}
+        acc = evaluate_accuracy(model, loader, device, attacks)
+    out = {"val/acc": acc["clean"], **{f"val/{k}": v for k, v in acc.items() if k != "clean"}, **extra}
     if "comp" in t.val_metrics:
         from egat.explain import build_explainer
         from egat.metrics.faithfulness import faithfulness
@@ -129,7 +160,7 @@ def validation_metrics(model: Classifier, params: Params, loader, device: torch.
         faith = params.eval.faithfulness
         explainer = build_explainer(params.eval.explainer, model, params.explainer)
         out["val/comp"] = faithfulness(
-            model, explainer, loader, device, faith.ks, faith.baseline, max_examples
+            model, explainer, loader, device, faith.ks, faith.baseline
         )["comp"]
     return out
 
@@ -189,8 +220,12 @@ class Trainer:
         seed_everything(t.seed)
         splits = read_splits(p.data.splits_file)
         domains = training_domains(p, splits["domains"])
+        check_selection(p, splits)
         train_ds = build_dataset(p, splits, domains, "train", augment=p.data.augment)
         val_ds = build_dataset(p, splits, domains, "val")
+        # Where the data has cue-free renders, validation also scores them (train.select may use it).
+        cue_free_val = (validation_loader(p, build_dataset(p, splits, domains, "val", images="cue_free"))
+                        if cue_free_root(p.data.root, splits) is not None else None)
         model = build_model(
             p.model.name, len(splits["classes"]), p.model.pretrained, p.model.dropout,
             channels_last=p.model.channels_last, input_size=p.model.input_size,
@@ -203,7 +238,7 @@ class Trainer:
         precision = Precision(t.precision, self.device)
         guard = OverfitGuard(p, val_ds, self.device) if t.guard.every else None
 
-        state = {"step": 0, "best_val_acc": -1.0, "best_step": -1, "elapsed_s": 0.0}
+        state = {"step": 0, "best_val_acc": -1.0, "best_score": -1.0, "best_step": -1, "elapsed_s": 0.0}
         if guard is not None:
             state["best_guard_acc"] = -1.0
         fingerprint = params_fingerprint(p)
@@ -246,10 +281,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda", persistent_workers=p.data.num_workers > 0,
             generator=torch.Generator().manual_seed(t.seed * 1_000_003 + state["step"]),
         )
-        val_loader = DataLoader(
-            val_ds, batch_size=p.eval.batch_size, num_workers=p.data.num_workers,
-            generator=torch.Generator().manual_seed(t.seed),
-        )
+        val_loader = validation_loader(p, val_ds)
         bar = tqdm(
             total=t.steps, initial=state["step"], disable=not t.progress or self.rank != 0,
             desc=f"train {t.method}", unit="step", dynamic_ncols=True,
@@ -283,16 +315,15 @@ class Trainer:
             evaluated = step % t.eval_every == 0 or step == t.steps
             checkpointed = step % t.checkpoint_every == 0 or step == t.steps
             if evaluated:
-                val = validation_metrics(model, p, val_loader, self.device)
+                val = validation_metrics(model, p, val_loader, self.device, cue_free_val)
                 val_acc = val["val/acc"]
                 self.tracker.log_metrics(val, step)
                 latest.update(val)
-                improved = val_acc > state["best_val_acc"]
-                if improved:
-                    state["best_val_acc"] = val_acc
+                state["best_val_acc"] = max(state["best_val_acc"], val_acc)
+                score = selection_score(t.select, val, step)
                 # With the overfitting guard on, best.pt follows the guard's accuracy instead.
-                if improved and guard is None:
-                    state["best_step"] = step
+                if score > state["best_score"] and guard is None:
+                    state.update(best_score=score, best_step=step)
                     if self.rank == 0:
                         io.torch_save(
                             checkpoint_payload(model, p, splits, step=step, val_acc=val_acc),
