@@ -235,6 +235,7 @@ class TrainParams(Strict):
     eval_every: int = Field(50, ge=1)
     val_batches: int = Field(0, ge=0)  # 0 = the whole validation split
     checkpoint_every: int = Field(50, ge=1)
+    resume: bool = True  # continue from <run dir>/last.pt; false: discard it and start over
     seed: int = 0
     num_threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = leave torch's default
     backend: Literal["auto", "local", "ray"] = "auto"

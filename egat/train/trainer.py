@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from egat import io
 from egat.config import Params, TrainParams
 from egat.data import DomainDataset, read_splits
-from egat.errors import EgatError
+from egat.errors import CheckpointError, EgatError
 from egat.methods import build_method
 from egat.metrics.accuracy import evaluate_accuracy
 from egat.models import Classifier, build_model
@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 LAST, BEST, METRICS, TIMING = "last.pt", "best.pt", "train_metrics.json", "train_timing.json"
 # Keys that choose where and how a run executes, not what it computes: a run resumes across them.
 RUNTIME_KEYS = ("progress", "out_dir", "num_threads", "backend", "max_failures", "storage_path",
-                "resources_per_worker")
+                "resources_per_worker", "resume")
+MODEL_CHECKPOINT = f"a model checkpoint written by egat train (a run's {BEST})"
 # on_report(step, metrics, checkpointed): called on every rank after a validation or a checkpoint.
 ReportHook = Callable[[int, dict[str, float], bool], None]
 
@@ -153,7 +154,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[Classifier, Params, dict]:
     path = Path(path)
     if not path.is_file():
         raise EgatError(f"checkpoint {str(path)!r} not found")
-    ckpt = io.torch_load(path)
+    ckpt = io.torch_load(path, MODEL_CHECKPOINT)
     if not isinstance(ckpt, dict) or not {"params", "classes", "model"} <= ckpt.keys():
         raise EgatError(
             f"{str(path)!r} is not a model checkpoint (params, classes, model); pass a run's "
@@ -166,6 +167,22 @@ def model_from_checkpoint(path: str | Path) -> tuple[Classifier, Params, dict]:
     )
     model.load_state_dict(ckpt["model"])
     return model, params, ckpt
+
+
+def read_training_state(path: Path) -> dict[str, Any]:
+    """A run's last.pt, or an error naming the file and how to start over: a damaged resume
+    point never makes a run silently start again from step 0."""
+    start_over = "start this run over with train.resume=false (or delete the file)"
+    try:
+        ckpt = io.torch_load(path, f"the training state {LAST} to resume from; {start_over}")
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot resume: {exc}") from None
+    if not isinstance(ckpt, dict) or not {"fingerprint", "model", "optimizer", "state"} <= ckpt.keys():
+        raise CheckpointError(
+            f"cannot resume: {path} is no training state (fingerprint, model, optimizer, state); "
+            f"{start_over}"
+        )
+    return ckpt
 
 
 class Trainer:
@@ -208,9 +225,9 @@ class Trainer:
             state["best_guard_acc"] = -1.0
         fingerprint = params_fingerprint(p)
         last = self.run_dir / LAST
-        if last.is_file():
-            ckpt = io.torch_load(last)
-            if ckpt.get("fingerprint") == fingerprint:
+        ckpt = read_training_state(last) if t.resume and last.is_file() else None
+        if ckpt is not None:
+            if ckpt["fingerprint"] == fingerprint:
                 model.load_state_dict(ckpt["model"])
                 optimizer.load_state_dict(ckpt["optimizer"])
                 if scheduler is not None:
@@ -226,6 +243,9 @@ class Trainer:
             else:
                 log.warning("%s holds a run with other params: starting afresh", last)
                 (self.run_dir / BEST).unlink(missing_ok=True)
+        elif last.is_file():  # train.resume=false: the old run's files are not this run's
+            log.warning("train.resume=false: discarding %s and starting afresh", last)
+            (self.run_dir / BEST).unlink(missing_ok=True)
         if state["step"] >= t.steps and (self.run_dir / BEST).is_file():
             return self._finish(model, state)
 
