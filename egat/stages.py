@@ -8,6 +8,7 @@ import numpy as np
 
 from egat import io
 from egat.config import Params, params_from_dict
+from egat.errors import DataError, ParamsError
 from egat.tracking.mlflow_tracker import MlflowTracker
 
 
@@ -23,7 +24,11 @@ def prepare(params: Params) -> dict:
         image_root = root / "images"
     elif data.name == "folder":
         image_root = Path(data.folder_root)
-        root.mkdir(parents=True, exist_ok=True)
+        if not image_root.is_dir():  # checked before anything is written (splits, samples.png)
+            raise DataError(
+                f"data.folder_root={data.folder_root}: no such folder; expected your "
+                "<root>/<domain>/<class>/<image> tree"
+            )
     else:
         image_root = prepare_source(data.name, data.sources, data.raw_dir, root / "images")
     index = scan_folder(image_root, on_corrupt=data.on_corrupt)
@@ -47,6 +52,20 @@ def run_params(params: Params, method: str, domain: str, seed: int) -> Params:
     raw = params.model_dump(mode="json")
     raw["train"].update(method=method, domains=[domain], seed=seed)
     return params_from_dict(raw)
+
+
+def check_domain(params: Params, domain: str) -> None:
+    """A cell's training domain (the DVC matrix takes it from ``study.train_domains``) must be
+    one of the prepared data's: checked before any MLflow run, folder or file is created."""
+    from egat.data import read_splits
+
+    domains = read_splits(params.data.splits_file)["domains"]
+    if domain not in domains:
+        raise ParamsError(
+            f"study.train_domains: {domain!r} is not a domain of the {params.data.name} data "
+            f"({params.data.root}); valid: {', '.join(domains)} "
+            f"(e.g. dvc exp run -S 'study.train_domains=[{domains[0]}]')"
+        )
 
 
 def run_dir(params: Params, method: str, domain: str, seed: int) -> Path:
@@ -78,6 +97,7 @@ def train_run(params: Params, method: str, domain: str, seed: int, name: str | N
     from egat.train.trainer import model_from_checkpoint
 
     cell = run_params(params, method, domain, seed)
+    check_domain(cell, domain)
     name = name or method
     out = run_dir(params, name, domain, seed)
     key = f"train/{name}/{domain}/seed{seed}"
@@ -100,6 +120,7 @@ def evaluate_run(params: Params, method: str, domain: str, seed: int, name: str 
     from egat.train.trainer import model_from_checkpoint, resolve_device
 
     cell = run_params(params, method, domain, seed)
+    check_domain(cell, domain)
     name = name or method
     model, _, _ = model_from_checkpoint(run_dir(params, name, domain, seed) / "best.pt")
     key = f"evaluate/{name}/{domain}/seed{seed}"
