@@ -34,9 +34,32 @@ def prepare(params: Params) -> dict:
     index = scan_folder(image_root, on_corrupt=data.on_corrupt)
     splits = make_splits(index, data.split, data.split_seed)
     write_splits(data.splits_file, splits)
+    if data.name == "folder":
+        write_file_stats(root / FILE_STATS, index)
     save_sample_grid(root, splits, root / "samples.png", image_size=data.image_size)
     counts = {d: {k: len(v) for k, v in s.items()} for d, s in splits["splits"].items()}
     return {"domains": splits["domains"], "classes": splits["classes"], "counts": counts}
+
+
+FILE_STATS = "files.json"
+
+
+def write_file_stats(path: Path, index) -> None:
+    """Size and mtime of every image (and mask) of a user's tree, next to its splits: an image
+    edited in place changes this file, so DVC reruns the stages after prepare (splits.json names
+    paths only). Stats, not hashes: DVC has hashed the tree already as prepare's dependency."""
+    out = {"images": _file_stats(index.root, index.paths)}
+    if index.masks_root is not None:
+        out["masks"] = _file_stats(index.masks_root, [m for m in index.masks if m is not None])
+    io.write_json(path, out)
+
+
+def _file_stats(root: Path, relpaths: list[str]) -> dict[str, list[int]]:
+    stats = {}
+    for rel in relpaths:
+        st = (root / rel).stat()
+        stats[rel] = [st.st_size, st.st_mtime_ns]
+    return stats
 
 
 def guides(params: Params) -> None:

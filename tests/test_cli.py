@@ -28,8 +28,11 @@ def egat_in_process(capsys, monkeypatch, cwd, *args) -> tuple[int, str]:
 def test_methods_lists_the_registry():
     out = egat("methods")
     assert out.returncode == 0
-    names = [line.split()[0] for line in out.stdout.splitlines()]
-    assert {"erm", "egat", "egat_wo_at", "egat_wo_egl"} <= set(names)
+    rows = {name: description.strip() for name, _, description in
+            (line.partition(" ") for line in out.stdout.splitlines())}
+    assert {"erm", "egat", "egat_wo_at", "egat_wo_egl"} <= set(rows)
+    assert [name for name, description in rows.items() if not description] == []
+    assert rows["egat"].startswith("L = CE + lambda_adv L_adv")
     out = egat("train", "--set", "train.method=nope", cwd=ROOT)
     assert out.returncode == 2 and out.stderr.startswith("error: ")
 
