@@ -136,3 +136,23 @@ def test_train_resume_false_discards_last_pt_and_starts_over(folder_params, good
     assert json.loads((run / "train_metrics.json").read_text()) == json.loads(
         (reference.run_dir / "train_metrics.json").read_text())
     assert io.torch_load(run / "last.pt")["state"]["step"] == 4
+
+
+def test_a_finished_run_retrains_when_its_images_changed(tmp_path, caplog):
+    from egat import stages
+    from egat.config import params_from_dict
+
+    params = params_from_dict({**tiny_folder_data(tmp_path), **TINY_TRAIN})
+    run = tmp_path / "run"
+    Trainer(params, run).fit()
+    first = (run / "best.pt").read_bytes()
+    Trainer(params, run).fit()  # finished, same params and images: nothing is trained again
+    assert (run / "best.pt").read_bytes() == first
+    # One image of the training domain edited in place (what `dvc repro` reruns train for).
+    cv2.imwrite(str(tmp_path / "tree/d1/a/0.png"), np.full((16, 16, 3), 255, np.uint8))
+    stages.prepare(params)
+    stages.guides(params)
+    with caplog.at_level("WARNING"):
+        Trainer(params, run).fit()
+    assert "holds a run with other params or data: starting afresh" in caplog.text
+    assert (run / "best.pt").read_bytes() != first

@@ -71,10 +71,10 @@ def test_the_readme_folder_line_runs_and_dvc_sees_every_change_of_the_tree(tmp_p
     assert stale(proj, env) == {}
 
     # An image edited in place (same path) and a removed one: prepare and guides rerun, and the
-    # training cell is stale after them.
+    # training cell is stale after them (and retrains: tests/test_checkpoints.py).
     for change in (lambda: cv2.imwrite(str(tree / "d1/b/0.png"), np.full((32, 32, 3), 255, np.uint8)),
                    lambda: (tree / "d2/c/3.png").unlink()):
         change()
-        assert set(stale(proj, env)) == {"prepare"}
+        assert stale(proj, env)["prepare"] == [{"changed deps": {str(tree): "modified"}}]
         assert ran(run(["dvc", "repro", "guides"], proj, env)) == {"prepare", "guides"}
         assert "train@erm-d1-0" in stale(proj, env)

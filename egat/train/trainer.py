@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from egat import io
 from egat.config import Params, TrainParams
 from egat.data import DomainDataset, read_splits
+from egat.data.guides import images_digest
 from egat.errors import CheckpointError, EgatError
 from egat.methods import build_method
 from egat.metrics.accuracy import evaluate_accuracy
@@ -82,13 +83,17 @@ def build_dataset(params: Params, splits: dict, domains: list[str], split: str, 
     )
 
 
-def params_fingerprint(params: Params) -> str:
-    """A digest of everything that shapes training; a resumed run must match it."""
+def params_fingerprint(params: Params, domains: list[str] | None = None) -> str:
+    """A digest of everything that shapes training; a resumed run must match it. With
+    ``domains``, the digests of their images too: the same params on changed data (an image of
+    the user's tree added, removed or edited) is another run, not a finished one."""
     raw = params.model_dump(mode="json")
     for volatile in RUNTIME_KEYS:
         raw["train"].pop(volatile, None)
     for group in ("eval", "report", "tune", "study"):
         raw.pop(group, None)
+    if domains is not None:
+        raw["images_sha256"] = {d: images_digest(params.data.guides_root, d) for d in domains}
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
 
 
@@ -223,7 +228,7 @@ class Trainer:
         state = {"step": 0, "best_val_acc": -1.0, "best_step": -1, "elapsed_s": 0.0}
         if guard is not None:
             state["best_guard_acc"] = -1.0
-        fingerprint = params_fingerprint(p)
+        fingerprint = params_fingerprint(p, domains)
         last = self.run_dir / LAST
         ckpt = read_training_state(last) if t.resume and last.is_file() else None
         if ckpt is not None:
@@ -241,7 +246,7 @@ class Trainer:
                 precision.load_state_dict(ckpt["precision"])
                 log.warning("resuming %s from step %d", self.run_dir, state["step"])
             else:
-                log.warning("%s holds a run with other params: starting afresh", last)
+                log.warning("%s holds a run with other params or data: starting afresh", last)
                 (self.run_dir / BEST).unlink(missing_ok=True)
         elif last.is_file():  # train.resume=false: the old run's files are not this run's
             log.warning("train.resume=false: discarding %s and starting afresh", last)
