@@ -150,8 +150,8 @@ def plot_pareto(points: Sequence[Point], path: str | Path, title: str = "",
     return Path(path)
 
 
-def pareto_figure(points: Sequence[Point], title: str = "", xlabel: str = "training time per epoch (s)",
-                  ylabel: str = "aAcc (%)"):
+def pareto_figure(points: Sequence[Point], title: str = "",
+                  xlabel: str = "training time per epoch (s)", ylabel: str = "aAcc (%)"):
     """The figure of :func:`plot_pareto`; its point labels are placed so that none overlap."""
     from adjustText import adjust_text
 
@@ -184,7 +184,8 @@ def pareto_figure(points: Sequence[Point], title: str = "", xlabel: str = "train
     fig.set_layout_engine("none")
     texts = [ax.text(p.time, p.accuracy, p.label, fontsize=8, zorder=5) for p in points]
     adjust_text(texts, x=[p.time for p in points], y=[p.accuracy for p in points], ax=ax,
-                expand=(1.2, 1.5), force_text=(0.3, 0.6), arrowprops=dict(arrowstyle="-", color="0.5", lw=0.5))
+                expand=(1.2, 1.5), force_text=(0.3, 0.6),
+                arrowprops=dict(arrowstyle="-", color="0.5", lw=0.5))
     return fig
 
 

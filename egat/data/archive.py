@@ -9,9 +9,9 @@ target never holds a partial extraction.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import stat
-import secrets
 import tarfile
 import zipfile
 import zlib

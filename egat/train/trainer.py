@@ -83,17 +83,16 @@ def build_dataset(params: Params, splits: dict, domains: list[str], split: str, 
     )
 
 
-def params_fingerprint(params: Params, domains: list[str] | None = None) -> str:
-    """A digest of everything that shapes training; a resumed run must match it. With
-    ``domains``, the digests of their images too: the same params on changed data (an image of
-    the user's tree added, removed or edited) is another run, not a finished one."""
+def params_fingerprint(params: Params, domains: list[str]) -> str:
+    """A digest of everything that shapes training, the training domains' images included (the
+    same params on changed data, e.g. an image of the user's tree added, removed or edited, is
+    another run, not a finished one); a resumed run must match it."""
     raw = params.model_dump(mode="json")
     for volatile in RUNTIME_KEYS:
         raw["train"].pop(volatile, None)
     for group in ("eval", "report", "tune", "study"):
         raw.pop(group, None)
-    if domains is not None:
-        raw["images_sha256"] = {d: images_digest(params.data.guides_root, d) for d in domains}
+    raw["images_sha256"] = {d: images_digest(params.data.guides_root, d) for d in domains}
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
 
 
