@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -220,7 +221,29 @@ def explain(images, run_id, checkpoint, explainer, attack, out, top) -> None:
             click.echo(f"  wrote {path}")
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _one_line_warnings(show):
+    """A ``warnings.showwarning`` that prints egat's own warnings (bad data skipped, a missing
+    mask, ...) as one ``warning: ...`` line, without Python's source line; others via ``show``."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
 def main(argv: list[str] | None = None) -> None:
+    with warnings.catch_warnings():  # restores warnings.showwarning on the way out
+        warnings.showwarning = _one_line_warnings(warnings.showwarning)
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         cli(args=argv, standalone_mode=False)
     except EgatError as exc:

@@ -124,10 +124,15 @@ DEFAULT_SOURCES = {
 }
 
 
+FOLDER_PLACEHOLDER = "examples/folder_tree"  # data.folder_root's default, a folder without domains
+
+
 class DataParams(Strict):
     name: Literal["embedded", "vlcs", "terra_incognita", "folder"] = "embedded"
     dir: str = "data"  # <dir>/<name>/ (prepared), <dir>/guides/<name>/, <dir>/raw/ (downloads)
-    folder_root: str | None = None  # for name=folder: a <root>/<domain>/<class>/* tree
+    # for name=folder: a <root>/<domain>/<class>/* tree. prepare's DVC dependency, so the default
+    # is a placeholder that exists in every checkout (examples/folder_tree/README.md).
+    folder_root: str | None = FOLDER_PLACEHOLDER
     image_size: int = Field(32, ge=8, le=1024)
     split_seed: int = 0
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
@@ -151,7 +156,7 @@ class DataParams(Strict):
 
     @model_validator(mode="after")
     def _folder_root(self):
-        if self.name == "folder" and not self.folder_root:
+        if self.name == "folder" and self.folder_root in (None, "", FOLDER_PLACEHOLDER):
             raise ValueError("data.name=folder needs data.folder_root (a <root>/<domain>/<class>/* tree)")
         return self
 
@@ -263,6 +268,7 @@ class TrainParams(Strict):
     eval_every: int = Field(50, ge=1)
     val_batches: int = Field(0, ge=0)  # 0 = the whole validation split
     checkpoint_every: int = Field(50, ge=1)
+    resume: bool = True  # continue from <run dir>/last.pt; false: discard it and start over
     seed: int = 0
     num_threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = leave torch's default
     backend: Literal["auto", "local", "ray"] = "auto"

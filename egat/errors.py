@@ -11,3 +11,7 @@ class ParamsError(EgatError):
 
 class DataError(EgatError):
     """A dataset file or folder is missing, corrupt or inconsistent."""
+
+
+class CheckpointError(EgatError):
+    """A checkpoint file is missing, truncated, corrupt or pickles objects that are refused."""

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from egat.errors import CheckpointError
 
 
 @contextmanager
@@ -45,6 +49,48 @@ def torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
-def torch_load(path: str | Path) -> Any:
-    """Load a checkpoint of tensors and plain containers only (never arbitrary pickles)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def torch_load(path: str | Path, expected: str = "a file written by torch.save") -> Any:
+    """Load a checkpoint of tensors and plain containers only (never arbitrary pickles).
+
+    Raises CheckpointError, one line naming the file, what is wrong with it and ``expected``
+    (what the caller wanted it to be), for a missing, unreadable, empty, truncated or corrupt file
+    and for one that pickles other objects (which ``weights_only=True`` refuses).
+    """
+    path = Path(path)
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        problem = f"cannot read this file ({exc.strerror or exc})"
+        raise CheckpointError(f"{path}: {problem}; expected {expected}") from None
+    with handle:
+        try:
+            with warnings.catch_warnings():
+                # torch warns (several lines) about the pickle protocol of files it then refuses
+                warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+                return torch.load(handle, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            refused = _unsafe_globals(path)
+            problem = (
+                f"refused: it pickles objects of type {', '.join(refused)} (checkpoints may hold "
+                "only tensors and plain containers)" if refused
+                else "not a file written by torch.save (corrupt, or another format)"
+            )
+        except Exception as exc:  # damaged files raise RuntimeError, OSError, EOFError, ValueError, ...
+            empty = path.stat().st_size == 0
+            problem = "an empty file" if empty else f"truncated or corrupt ({_first_line(exc)})"
+    raise CheckpointError(f"{path}: {problem}; expected {expected}")
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals a torch.save file pickles beyond weights_only's allow-list ([] when the file
+    is no torch.save zip archive at all)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint: the caller says "corrupt"
+        return []
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0].split(". ")[0] if text else type(exc).__name__
+    return first if len(first) <= 120 else first[:117] + "..."

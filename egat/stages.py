@@ -8,6 +8,7 @@ import numpy as np
 
 from egat import io
 from egat.config import Params, params_from_dict
+from egat.errors import DataError, ParamsError
 from egat.run_layout import EVALS, cell_dir, eval_path
 from egat.tracking.mlflow_tracker import MlflowTracker
 
@@ -25,7 +26,11 @@ def prepare(params: Params) -> dict:
         image_root = root / "images"
     elif data.name == "folder":
         image_root = Path(data.folder_root)
-        root.mkdir(parents=True, exist_ok=True)
+        if not image_root.is_dir():  # checked before anything is written (splits, samples.png)
+            raise DataError(
+                f"data.folder_root={data.folder_root}: no such folder; expected your "
+                "<root>/<domain>/<class>/<image> tree"
+            )
     else:
         image_root = prepare_source(data.name, data.sources, data.raw_dir, root / "images")
     index = scan_folder(image_root, on_corrupt=data.on_corrupt)
@@ -33,9 +38,32 @@ def prepare(params: Params) -> dict:
     if data.name == "embedded":
         splits.update(embedded_cues(root))
     write_splits(data.splits_file, splits)
+    if data.name == "folder":
+        write_file_stats(root / FILE_STATS, index)
     save_sample_grid(root, splits, root / "samples.png", image_size=data.image_size)
     counts = {d: {k: len(v) for k, v in s.items()} for d, s in splits["splits"].items()}
     return {"domains": splits["domains"], "classes": splits["classes"], "counts": counts}
+
+
+FILE_STATS = "files.json"
+
+
+def write_file_stats(path: Path, index) -> None:
+    """Size and mtime of every image (and mask) of a user's tree, next to its splits: an image
+    edited in place changes this file, so DVC reruns the stages after prepare (splits.json names
+    paths only). Stats, not hashes: DVC has hashed the tree already as prepare's dependency."""
+    out = {"images": _file_stats(index.root, index.paths)}
+    if index.masks_root is not None:
+        out["masks"] = _file_stats(index.masks_root, [m for m in index.masks if m is not None])
+    io.write_json(path, out)
+
+
+def _file_stats(root: Path, relpaths: list[str]) -> dict[str, list[int]]:
+    stats = {}
+    for rel in relpaths:
+        st = (root / rel).stat()
+        stats[rel] = [st.st_size, st.st_mtime_ns]
+    return stats
 
 
 def guides(params: Params) -> None:
@@ -57,6 +85,20 @@ def run_params(params: Params, method: str, domain: str, seed: int) -> Params:
     raw = params.model_dump(mode="json")
     raw["train"].update(method=method, domains=[domain], seed=seed)
     return params_from_dict(raw)
+
+
+def check_domain(params: Params, domain: str) -> None:
+    """A cell's training domain (the DVC matrix takes it from ``study.train_domains``) must be
+    one of the prepared data's: checked before any MLflow run, folder or file is created."""
+    from egat.data import read_splits
+
+    domains = read_splits(params.data.splits_file)["domains"]
+    if domain not in domains:
+        raise ParamsError(
+            f"study.train_domains: {domain!r} is not a domain of the {params.data.name} data "
+            f"({params.data.root}); valid: {', '.join(domains)} "
+            f"(e.g. dvc exp run -S 'study.train_domains=[{domains[0]}]')"
+        )
 
 
 def run_dir(params: Params, method: str, domain: str, seed: int) -> Path:
@@ -84,6 +126,7 @@ def train_run(params: Params, method: str, domain: str, seed: int, name: str | N
     from egat.train.trainer import model_from_checkpoint
 
     cell = run_params(params, method, domain, seed)
+    check_domain(cell, domain)
     name = name or method
     out = run_dir(params, name, domain, seed)
     key = f"train/{name}/{domain}/seed{seed}"
@@ -106,6 +149,7 @@ def evaluate_run(params: Params, method: str, domain: str, seed: int, name: str 
     from egat.train.trainer import model_from_checkpoint, resolve_device
 
     cell = run_params(params, method, domain, seed)
+    check_domain(cell, domain)
     name = name or method
     model, _, _ = model_from_checkpoint(run_dir(params, name, domain, seed) / "best.pt")
     key = f"evaluate/{name}/{domain}/seed{seed}"

@@ -146,6 +146,15 @@ def pareto_front(points: Sequence[Point]) -> list[Point]:
 def plot_pareto(points: Sequence[Point], path: str | Path, title: str = "",
                 xlabel: str = "training time per epoch (s)", ylabel: str = "aAcc (%)") -> Path:
     """Scatter of labelled (time, accuracy) points with the Pareto front drawn and ringed."""
+    save_png(pareto_figure(points, title, xlabel, ylabel), Path(path))
+    return Path(path)
+
+
+def pareto_figure(points: Sequence[Point], title: str = "",
+                  xlabel: str = "training time per epoch (s)", ylabel: str = "aAcc (%)"):
+    """The figure of :func:`plot_pareto`; its point labels are placed so that none overlap."""
+    from adjustText import adjust_text
+
     if not points:
         raise EgatError("no runtime points to plot")
     front = pareto_front(points)
@@ -154,7 +163,6 @@ def plot_pareto(points: Sequence[Point], path: str | Path, title: str = "",
     colors = method_colors([p.label for p in points])
     for p in points:
         ax.scatter(p.time, p.accuracy, color=colors[p.label], s=40, zorder=3)
-        ax.annotate(p.label, (p.time, p.accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.plot([p.time for p in front], [p.accuracy for p in front], "--", color="0.3", zorder=2,
             label="Pareto front")
     ax.scatter([p.time for p in front], [p.accuracy for p in front], s=140, facecolors="none",
@@ -167,10 +175,18 @@ def plot_pareto(points: Sequence[Point], path: str | Path, title: str = "",
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.margins(0.12)  # room for the labels of the outermost points
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    save_png(fig, Path(path))
-    return Path(path)
+    # Labels are placed in display space, so the layout is fixed first (constrained layout would
+    # move and shrink the axes again at save time), then adjustText pushes them apart.
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
+    texts = [ax.text(p.time, p.accuracy, p.label, fontsize=8, zorder=5) for p in points]
+    adjust_text(texts, x=[p.time for p in points], y=[p.accuracy for p in points], ax=ax,
+                expand=(1.2, 1.5), force_text=(0.3, 0.6),
+                arrowprops=dict(arrowstyle="-", color="0.5", lw=0.5))
+    return fig
 
 
 def steps_per_epoch(params: Params, domain: str) -> int:

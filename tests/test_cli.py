@@ -28,8 +28,11 @@ def egat_in_process(capsys, monkeypatch, cwd, *args) -> tuple[int, str]:
 def test_methods_lists_the_registry():
     out = egat("methods")
     assert out.returncode == 0
-    names = [line.split()[0] for line in out.stdout.splitlines()]
-    assert {"erm", "egat", "egat_wo_at", "egat_wo_egl"} <= set(names)
+    rows = {name: description.strip() for name, _, description in
+            (line.partition(" ") for line in out.stdout.splitlines())}
+    assert {"erm", "egat", "egat_wo_at", "egat_wo_egl"} <= set(rows)
+    assert [name for name, description in rows.items() if not description] == []
+    assert rows["egat"].startswith("L = CE + lambda_adv L_adv")
     out = egat("train", "--set", "train.method=nope", cwd=ROOT)
     assert out.returncode == 2 and out.stderr.startswith("error: ")
 
@@ -71,3 +74,25 @@ def test_evaluating_a_training_state_names_best_pt(tmp_path, capsys, monkeypatch
         "error: 'last.pt' is not a model checkpoint (params, classes, model); pass a run's best.pt "
         "(last.pt holds the training state for resuming)"
     )
+
+
+def test_skipped_corrupt_files_warn_in_one_clean_line(tmp_path):
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for domain in ("d1", "d2"):
+        for cls in ("a", "b"):
+            (tmp_path / "tree" / domain / cls).mkdir(parents=True)
+            for i in range(5):
+                cv2.imwrite(str(tmp_path / "tree" / domain / cls / f"{i}.png"),
+                            rng.integers(0, 256, (16, 16, 3), np.uint8))
+    (tmp_path / "tree/d1/a/bad.png").write_bytes(b"junk")
+    out = egat("prepare", "--config", str(ROOT / "params.yaml"), "--set", "data.name=folder",
+               "--set", "data.folder_root=tree", "--set", "data.dir=data", "--set", "data.on_corrupt=skip",
+               cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    # One line, no "UserWarning:" and no Python source line after it.
+    assert out.stderr.splitlines() == [
+        "warning: tree: 1 unreadable, corrupt or non-image files (d1/a/bad.png); skipped "
+        "(data.on_corrupt=skip)"]

@@ -211,6 +211,20 @@ def test_extract_tar_gz_and_zip(tmp_path):
     assert _leftovers(tmp_path) == ["out_x.tar.gz", "out_x.zip", "x.tar.gz", "x.zip"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_the_extracted_folder_gets_the_users_umask(tmp_path, umask):
+    import os
+    import stat
+
+    (tmp_path / "x.zip").write_bytes(_zip({"a.txt": b"a"}))
+    old = os.umask(umask)
+    try:
+        out = extract(tmp_path / "x.zip", tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
+
+
 def test_truncated_tar_gz_leaves_no_partial_output(tmp_path):
     data = _tar_gz({f"top/{i}.bin": _payload(50_000) for i in range(4)})
     archive = tmp_path / "cut.tar.gz"

@@ -67,7 +67,8 @@ def test_bad_pretrained_inputs(tmp_path):
         build_model("mobilenet_v2", 3, pretrained=str(tmp_path / "missing.pth"))
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(EgatError, match="cannot load"):
+    with pytest.raises(EgatError, match=r"bad.pth: not a file written by torch.save .*; expected a "
+                                        r"state_dict \(model.pretrained\)"):
         build_model("mobilenet_v2", 3, pretrained=str(bad))
     # A real state_dict for another architecture must not half-load.
     with pytest.raises(EgatError, match="does not fit model 'efficientnet_b0'"):

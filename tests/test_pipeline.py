@@ -67,7 +67,7 @@ def write_params(path: Path, overrides: dict) -> None:
 def init_project(proj: Path, overrides: dict) -> dict:
     """Make ``proj`` a git + DVC copy of the project with ``overrides`` over params.yaml; returns
     the environment to run DVC in it."""
-    for item in ("dvc.yaml", "pipelines", "egat", ".dvc", ".dvcignore", ".gitignore"):
+    for item in ("dvc.yaml", "pipelines", "egat", "examples", ".dvc", ".dvcignore", ".gitignore"):
         src = ROOT / item
         if src.is_dir():
             shutil.copytree(src, proj / item, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))

@@ -40,6 +40,31 @@ def test_pareto_front_keeps_the_undominated_points():
         Point("x", 1.0, 1.0), Point("y", 1.0, 1.0)]  # ties dominate neither
 
 
+# Fig. 3 as the README's study run gives it: the baselines crowd near (3 s, 0 %).
+CROWDED = [("erm", 3.0, 0.0), ("pgd_at", 17.0, 65.0), ("igr", 8.0, 20.0), ("ign", 40.0, 30.0),
+           ("dmada", 3.2, 0.5), ("irm", 3.1, 0.0), ("dre", 6.0, 1.0), ("sgdrop", 3.5, 0.0),
+           ("egat", 21.0, 70.5), ("fgsm_rs", 7.9, 76.5), ("free_at", 8.2, 52.0),
+           ("resnet50", 235.0, 46.0), ("mobilenet_v2", 64.0, 9.5), ("efficientnet_b0", 84.0, 0.0)]
+
+
+def test_pareto_point_labels_do_not_overlap():
+    import itertools
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from egat.studies import pareto_figure
+
+    fig = pareto_figure([Point(*p) for p in CROWDED], "t")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    boxes = {t.get_text(): t.get_window_extent(renderer) for t in fig.axes[0].texts}
+    assert set(boxes) == {label for label, _, _ in CROWDED}
+    overlapping = [(a, b) for (a, x), (b, y) in itertools.combinations(boxes.items(), 2) if x.overlaps(y)]
+    assert overlapping == []
+    inside = fig.bbox
+    assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 and inside.y0 <= b.y0 and b.y1 <= inside.y1
+               for b in boxes.values())
+
+
 def test_plot_pareto_writes_a_png(tmp_path):
     path = plot_pareto([Point("erm", 0.2, 10.0), Point("egat", 2.0, 40.0),
                         Point("egat+fgsm_rs", 0.8, 35.0)], tmp_path / "fig.png", "t")

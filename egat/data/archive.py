@@ -9,10 +9,10 @@ target never holds a partial extraction.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import stat
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -46,7 +46,9 @@ def extract(archive: str | Path, target: str | Path) -> Path:
     if target.exists():
         raise DataError(f"{target} already exists; delete it to extract {archive} again")
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    # mkdir, not mkdtemp (mode 0700): the folder that becomes the target gets the user's umask
+    scratch = target.parent / f".{target.name}.{secrets.token_hex(6)}.partial"
+    scratch.mkdir()
     try:
         extract_into(archive, scratch)
         os.rename(scratch, target)

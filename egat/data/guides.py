@@ -110,6 +110,13 @@ def load_guides(guides_root: Path, domain: str) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: unreadable guide file ({exc}); rerun the guides stage") from None
 
 
+def images_digest(guides_root: Path, domain: str) -> str:
+    """The digest a domain's guide file records of its images (``images_sha256``), read alone
+    (of a file :func:`load_guides` has read before)."""
+    with np.load(guide_path(guides_root, domain), allow_pickle=False) as npz:
+        return str(npz["images_sha256"])
+
+
 def guide_at(guide: torch.Tensor, size: tuple[int, int], sigma: float = 0.0, seed: int = 0,
              index: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """M at feature resolution: (B, 1, H, W) in [0, 1] -> (B, h, w) in [0, 1].

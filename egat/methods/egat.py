@@ -56,6 +56,8 @@ class EGATConfig(MethodConfig):
 
 @method_registry.register("egat")
 class EGAT(Method):
+    """L = CE + lambda_adv L_adv (PGD) + lambda_egl D(E(x), guide) + lambda_mix L_mix (EGAT)."""
+
     Config = EGATConfig
 
     def __init__(self, model, config, params):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from egat import io
 from egat.errors import EgatError
 from egat.registry import Registry
 
@@ -103,10 +104,7 @@ def load_backbone_state_dict(model: Classifier, name: str, path: Path) -> None:
             f"model.pretrained: {str(path)!r} is not a file; use 'none', 'imagenet' or the path "
             "to a local state_dict (.pth)"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or non-tensor pickle
-        raise EgatError(f"model.pretrained: cannot load {str(path)!r} as a state_dict: {exc}") from exc
+    state = io.torch_load(path, "a state_dict (model.pretrained)")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     mapping = model_registry.get(name).backbone_keys  # type: ignore[attr-defined]

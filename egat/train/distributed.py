@@ -408,6 +408,9 @@ def fit_ray(
         )
     raw = params.model_dump(mode="json")
     raw["train"]["progress"] = False  # workers report through Ray, not a progress bar
+    # Workers resume from Ray's own storage (a restart after a dead worker must continue), so
+    # train.resume, which concerns the run folder's last.pt, does not apply to them.
+    raw["train"]["resume"] = True
     config = {
         "params": raw, "use_gpu": use_gpu, "cwd": cwd or os.getcwd(), "objective": objective,
         "tracker": worker_tracker(tracker), "fault": dict(fault) if fault else None,

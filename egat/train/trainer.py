@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 from egat import io
 from egat.config import Params, TrainParams
 from egat.data import DomainDataset, read_splits
+from egat.data.guides import cue_free_guides_root, images_digest
 from egat.data.splits import cue_free_root
 from egat.data.subsets import stratified_subset
-from egat.errors import EgatError
+from egat.errors import CheckpointError, EgatError
 from egat.methods import build_method
 from egat.metrics.accuracy import evaluate_accuracy
 from egat.models import Classifier, build_model
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 LAST, BEST, METRICS, TIMING = "last.pt", "best.pt", "train_metrics.json", "train_timing.json"
 # Keys that choose where and how a run executes, not what it computes: a run resumes across them.
 RUNTIME_KEYS = ("progress", "out_dir", "num_threads", "backend", "max_failures", "storage_path",
-                "resources_per_worker")
+                "resources_per_worker", "resume")
+MODEL_CHECKPOINT = f"a model checkpoint written by egat train (a run's {BEST})"
 # on_report(step, metrics, checkpointed): called on every rank after a validation or a checkpoint.
 ReportHook = Callable[[int, dict[str, float], bool], None]
 
@@ -108,13 +110,19 @@ def validation_loader(params: Params, dataset) -> DataLoader:
     return DataLoader(subset, batch_size=params.eval.batch_size, num_workers=params.data.num_workers)
 
 
-def params_fingerprint(params: Params) -> str:
-    """A digest of everything that shapes training; a resumed run must match it."""
+def params_fingerprint(params: Params, domains: list[str]) -> str:
+    """A digest of everything that shapes training, the training domains' images included (the
+    same params on changed data, e.g. an image of the user's tree added, removed or edited, is
+    another run, not a finished one); a resumed run must match it."""
     raw = params.model_dump(mode="json")
     for volatile in RUNTIME_KEYS:
         raw["train"].pop(volatile, None)
     for group in ("eval", "report", "tune", "study"):
         raw.pop(group, None)
+    guides = params.data.guides_root
+    if params.train.images == "cue_free":  # the oracle trains on the renders: their digests
+        guides = cue_free_guides_root(guides)
+    raw["images_sha256"] = {d: images_digest(guides, d) for d in domains}
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
 
 
@@ -184,7 +192,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[Classifier, Params, dict]:
     path = Path(path)
     if not path.is_file():
         raise EgatError(f"checkpoint {str(path)!r} not found")
-    ckpt = io.torch_load(path)
+    ckpt = io.torch_load(path, MODEL_CHECKPOINT)
     if not isinstance(ckpt, dict) or not {"params", "classes", "model"} <= ckpt.keys():
         raise EgatError(
             f"{str(path)!r} is not a model checkpoint (params, classes, model); pass a run's "
@@ -197,6 +205,22 @@ def model_from_checkpoint(path: str | Path) -> tuple[Classifier, Params, dict]:
     )
     model.load_state_dict(ckpt["model"])
     return model, params, ckpt
+
+
+def read_training_state(path: Path) -> dict[str, Any]:
+    """A run's last.pt, or an error naming the file and how to start over: a damaged resume
+    point never makes a run silently start again from step 0."""
+    start_over = "start this run over with train.resume=false (or delete the file)"
+    try:
+        ckpt = io.torch_load(path, f"the training state {LAST} to resume from; {start_over}")
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot resume: {exc}") from None
+    if not isinstance(ckpt, dict) or not {"fingerprint", "model", "optimizer", "state"} <= ckpt.keys():
+        raise CheckpointError(
+            f"cannot resume: {path} is no training state (fingerprint, model, optimizer, state); "
+            f"{start_over}"
+        )
+    return ckpt
 
 
 class Trainer:
@@ -241,11 +265,11 @@ class Trainer:
         state = {"step": 0, "best_val_acc": -1.0, "best_score": -1.0, "best_step": -1, "elapsed_s": 0.0}
         if guard is not None:
             state["best_guard_acc"] = -1.0
-        fingerprint = params_fingerprint(p)
+        fingerprint = params_fingerprint(p, domains)
         last = self.run_dir / LAST
-        if last.is_file():
-            ckpt = io.torch_load(last)
-            if ckpt.get("fingerprint") == fingerprint:
+        ckpt = read_training_state(last) if t.resume and last.is_file() else None
+        if ckpt is not None:
+            if ckpt["fingerprint"] == fingerprint:
                 model.load_state_dict(ckpt["model"])
                 optimizer.load_state_dict(ckpt["optimizer"])
                 if scheduler is not None:
@@ -259,8 +283,11 @@ class Trainer:
                 precision.load_state_dict(ckpt["precision"])
                 log.warning("resuming %s from step %d", self.run_dir, state["step"])
             else:
-                log.warning("%s holds a run with other params: starting afresh", last)
+                log.warning("%s holds a run with other params or data: starting afresh", last)
                 (self.run_dir / BEST).unlink(missing_ok=True)
+        elif last.is_file():  # train.resume=false: the old run's files are not this run's
+            log.warning("train.resume=false: discarding %s and starting afresh", last)
+            (self.run_dir / BEST).unlink(missing_ok=True)
         if state["step"] >= t.steps and (self.run_dir / BEST).is_file():
             return self._finish(model, state)
 

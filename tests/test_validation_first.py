@@ -1,0 +1,58 @@
+"""Bad params and paths are refused before any side effect: no MLflow run, folder or file is
+created for a request that ends in an `error:` line."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import yaml
+
+from tests.helpers import tiny_folder_data
+from tests.test_cli import egat_in_process
+
+
+@pytest.fixture(scope="module")
+def folder_data(tmp_path_factory) -> dict:
+    return tiny_folder_data(tmp_path_factory.mktemp("cells"))
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def all_runs(uri: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids) if ids else []
+
+
+@pytest.mark.parametrize("verb", ["train-cell", "evaluate-cell"])
+def test_a_cell_with_an_unknown_domain_names_study_train_domains_and_leaves_no_run(
+        verb, folder_data, tmp_path, capsys, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = tmp_path / "params.yaml"
+    cfg.write_text(yaml.safe_dump({**folder_data, "train": {"progress": False}}))
+    code, err = egat_in_process(capsys, monkeypatch, tmp_path, verb, "--config", str(cfg),
+                                "--method", "erm", "--domain", "nowhere", "--seed", "0")
+    line = one_error_line(err)
+    assert code == 2
+    assert line.startswith("error: study.train_domains: 'nowhere' is not a domain of the folder data")
+    assert "valid: d1, d2 (e.g. dvc exp run -S 'study.train_domains=[d1]')" in line
+    assert all_runs(uri) == []  # no FAILED run train/erm/nowhere/seed0
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "evals").exists()
+
+
+def test_prepare_with_a_missing_folder_root_names_the_key_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    cfg = tmp_path / "params.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"name": "folder", "folder_root": str(tmp_path / "photos"),
+                                            "dir": str(tmp_path / "data")}}))
+    code, err = egat_in_process(capsys, monkeypatch, tmp_path, "prepare", "--config", str(cfg))
+    assert code == 2
+    assert one_error_line(err) == (
+        f"error: data.folder_root={tmp_path / 'photos'}: no such folder; expected your "
+        "<root>/<domain>/<class>/<image> tree"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no empty data/folder/
