@@ -34,8 +34,9 @@ class LibraryAttack(Attack):
     """Base of the torchattacks-backed attacks: :meth:`build` returns the library's attack.
 
     torchattacks reseeds torch's global RNG with a fixed seed on every call; here each call draws
-    that seed from the caller's RNG and runs on a forked RNG, so the attacks follow
-    ``seeded_scope`` like ours and leave the caller's random stream as it was. As in AutoAttack,
+    that seed from the caller's RNG (one number, as PGD's random start draws its own) and runs on a
+    forked RNG, so the attacks are reproducible under ``seeded_scope`` and the library's reseeding
+    never resets the caller's random stream. As in AutoAttack,
     an image the attack does not fool comes back unchanged: accuracy under attack is what these
     attacks are for, not explanations of perturbed images.
     """
