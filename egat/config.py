@@ -348,13 +348,20 @@ class ChecklistParams(Strict):
         return v
 
 
+class RobustAttackParams(AttackParams):
+    """``robust.attack``: AutoAttack unless named otherwise (keys given without a name keep it)."""
+
+    name: Literal["fgsm", "mifgsm", "pgd", "fgsm_rs", "free", "apgd", "apgdt", "square",
+                  "autoattack"] = "autoattack"
+
+
 class RobustParams(Strict):
     """The `robustness` stage: AutoAttack and the masking checklist on one trained run."""
 
     # a stratified (equal per class), seeded subset of the in-domain test split, or "all"
     subset: int | str = 100
     seed: int = 0
-    attack: AttackParams = AttackParams(name="autoattack")
+    attack: RobustAttackParams = RobustAttackParams()
     # (d) transfer: adversarial examples made on this method's run of the same domain and seed;
     # a run of transfer_from itself takes them from transfer_fallback's run
     transfer_from: str = "erm"

@@ -18,18 +18,19 @@ import pandas as pd
 
 from egat import io
 from egat.errors import EgatError
+from egat.robust_report import add_aa_column, build_robust_report
 
 DIGITS = 2  # shown in the markdown tables; Table II ranks values at this precision (paper ties)
 CSV_DIGITS = 4
 RUN_KEYS = ["method", "train_domain", "seed"]
 METRICS = ["cacc", "aacc", "comp", "suff", "spearman", "top_intersection", "pointing_game",
            "mass_in_mask"]
-TABLE1_METRICS = {"cacc": "cAcc", "aacc": "aAcc", "comp": "Comp", "suff": "Suff"}
+TABLE1_METRICS = {"cacc": "cAcc", "aacc": "aAcc", "comp": "Comp", "suff": "Suff", "aa": "AA"}
 EXPLANATION_METRICS = {"spearman": "Spearman", "top_intersection": "top-k overlap",
                        "pointing_game": "pointing game", "mass_in_mask": "mass in mask"}
 BAR_METRICS = {"id_cacc": "in-domain cAcc", "id_aacc": "in-domain aAcc",
                "ood_cacc": "OOD cAcc", "ood_aacc": "OOD aAcc"}
-ATTACK_NAMES = {"fgsm": "FGSM", "mifgsm": "MI-FGSM", "pgd": "PGD"}
+ATTACK_NAMES = {"fgsm": "FGSM", "mifgsm": "MI-FGSM", "pgd": "PGD", "apgd": "APGD-CE"}
 GROUPS = {"id": True, "ood": False}  # metric prefix -> in_domain flag
 
 
@@ -405,12 +406,13 @@ def build_report(
         io.write_text(out / name, text)
         written.append(out / name)
 
-    cells, numbers = in_domain_outputs(*in_domain_table(results))
+    mean, std, aa_caption = add_aa_column(runs_dir, *in_domain_table(results))
+    cells, numbers = in_domain_outputs(mean, std)
     write("table1_in_domain.md", markdown_table(
         "Table I: in-domain results",
         f"Trained and tested on the same domain (test split). {caption} "
-        "cAcc/aAcc: clean/adversarial accuracy (%); Comp higher is better, Suff lower is better.",
-        cells))
+        "cAcc/aAcc: clean/adversarial accuracy (%); Comp higher is better, Suff lower is better. "
+        + aa_caption, cells))
     write("table1_in_domain.csv", csv_text(numbers))
 
     ood = ood_table(results)
@@ -432,6 +434,7 @@ def build_report(
         cells))
     write("explanations.csv", csv_text(numbers))
 
+    written += build_robust_report(runs_dir, out, methods_order)
     write("metrics.json", json.dumps(summary_metrics(results, ood), indent=2, sort_keys=True) + "\n")
     write("plots/attack_sweep.csv", sweep_plot_data(results).to_csv(index=False))
 

@@ -1,0 +1,158 @@
+"""The robustness report: every run's robust.json -> reports/robustness.md/.csv (the gradient-
+masking checklist per method, mean ± std over seeds) and Table I's AA column with its flags.
+
+Reads ``<evals>/<method>/<domain>/seed<seed>/robust.json`` (egat.robustness.robust_run's).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from egat import io
+from egat.robustness import CHECKS
+
+KEYS = ["method", "train_domain"]
+
+
+def load_robust(evals_dir: str | Path) -> pd.DataFrame:
+    """One row per run: accuracies (%), the checks' numbers and ``pass_<check>`` flags."""
+    rows = []
+    for path in sorted(Path(evals_dir).glob("*/*/seed*/robust.json")):
+        if not re.fullmatch(r"seed\d+", path.parent.name):
+            continue
+        r = json.loads(path.read_text())
+        c = r["checks"]
+        row = {"method": r["method"], "train_domain": r["train_domain"], "seed": r["seed"],
+               "n": r["n"], "clean": r["clean"], "aa": r["aa"], "pgd": c["b"]["pgd"],
+               "strong_pgd": c["b"]["strong_pgd"], "apgd_max_eps": c["a"]["accuracy"][-1],
+               "square": c["c"]["square"], "apgd": c["c"]["apgd"],
+               "rising": 100.0 * c["e"]["rising_fraction"]}
+        if "d" in c:
+            row["transfer"] = c["d"]["transfer"]
+        row.update({f"pass_{k}": bool(v["passed"]) for k, v in c.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _order(df: pd.DataFrame, methods_order: list[str] | None) -> list[str]:
+    present = list(dict.fromkeys(df["method"]))
+    first = [m for m in dict.fromkeys(methods_order or []) if m in present]
+    return first + sorted(set(present) - set(first))
+
+
+def _verdict(flags: pd.Series) -> str:
+    """"pass" where every seed passes, else "FAIL" and on how many seeds."""
+    flags = flags.dropna().astype(bool)
+    if flags.empty:
+        return "-"
+    return "pass" if flags.all() else f"FAIL ({int((~flags).sum())}/{len(flags)} seeds)"
+
+
+def _cell(mean: float, std: float) -> str:
+    if pd.isna(mean):
+        return "-"
+    return f"{mean:.1f}" + (f" ± {std:.1f}" if pd.notna(std) else "")
+
+
+NUMBERS = {  # column -> (label, check)
+    "clean": ("clean", None), "pgd": ("PGD-10", None), "aa": ("AA", None),
+    "apgd_max_eps": ("(a) APGD-CE at max eps", "a"),
+    "strong_pgd": ("(b) strong PGD", "b"),
+    "square": ("(c) Square", "c"), "apgd": ("(c) APGD-CE", "c"),
+    "transfer": ("(d) transfer PGD-10", "d"),
+    "rising": ("(e) loss rises (% images)", "e"),
+}
+
+
+def robust_tables(df: pd.DataFrame, methods_order: list[str] | None = None
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(markdown cells, CSV numbers): rows (method, train domain); numbers mean ± std over seeds
+    and each check's verdict over seeds."""
+    grouped = df.groupby(KEYS, sort=False)
+    mean, std = grouped.mean(numeric_only=True), grouped.std(ddof=1, numeric_only=True)
+    index = [(m, t) for m in _order(df, methods_order)
+             for t in dict.fromkeys(df["train_domain"]) if (m, t) in mean.index]
+    cells = pd.DataFrame(index=pd.MultiIndex.from_tuples(index, names=KEYS))
+    numbers = cells.copy()
+    numbers["seeds"] = grouped.size().reindex(index).values
+    cells["seeds"] = numbers["seeds"]
+    cells["n"] = mean["n"].reindex(index).astype(int).values
+    numbers["n"] = cells["n"]
+    for column, (label, _) in NUMBERS.items():
+        if column not in mean.columns:
+            continue
+        m, s = mean[column].reindex(index), std[column].reindex(index)
+        cells[label] = [_cell(a, b) for a, b in zip(m, s)]
+        numbers[label] = m.round(4).values
+        numbers[label + " std"] = s.round(4).values
+    for check, text in CHECKS.items():
+        flag = f"pass_{check}"
+        if flag in df.columns:
+            verdict = grouped[flag].apply(_verdict).reindex(index)
+            cells[f"({check})"] = verdict.values
+            numbers[f"({check}) {text}"] = verdict.values
+    return cells, numbers
+
+
+def aa_columns(evals_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
+    """Table I's AA column: (mean, std) with rows = methods and columns (train domain, "aa"), and
+    per method the checks it fails on some seed ("a, c"; methods passing all are left out)."""
+    df = load_robust(evals_dir)
+    if df.empty:
+        return pd.DataFrame(), pd.DataFrame(), {}
+    grouped = df.groupby(["method", "train_domain"])["aa"]
+    mean, std = (stat.unstack("train_domain") for stat in (grouped.mean(), grouped.std(ddof=1)))
+    for stat in (mean, std):
+        stat.columns = pd.MultiIndex.from_product([stat.columns, ["aa"]])
+    flags = {}
+    for method, runs in df.groupby("method"):
+        failed = [k for k in CHECKS if f"pass_{k}" in runs and not runs[f"pass_{k}"].dropna().all()]
+        if failed:
+            flags[method] = ", ".join(failed)
+    return mean, std, flags
+
+
+def build_robust_report(evals_dir: str | Path, out_dir: str | Path,
+                        methods_order: list[str] | None = None) -> list[Path]:
+    """reports/robustness.md and .csv; none when no run has a robust.json."""
+    df = load_robust(evals_dir)
+    if df.empty:
+        return []
+    cells, numbers = robust_tables(df, methods_order)
+    legend = "; ".join(f"({k}) {v}" for k, v in CHECKS.items())
+    text = (
+        "# Robust evaluation: AutoAttack and the gradient-masking checklist\n\n"
+        f"Accuracy (%) on a stratified, seeded subset of the in-domain test split (n images per "
+        f"run), mean ± std over seeds; a check's verdict is `pass` when it passes on every seed. "
+        f"AA: the AutoAttack ensemble (per image the worst case over its attacks); PGD-10: "
+        f"`eval.attack`. Checks: {legend}. Transfer source: `robust.transfer_from` "
+        f"(for that method itself `robust.transfer_fallback`).\n\n"
+        + cells.reset_index().to_markdown(index=False, disable_numparse=True) + "\n"
+    )
+    out = Path(out_dir)
+    io.write_text(out / "robustness.md", text)
+    io.write_text(out / "robustness.csv", numbers.reset_index().to_csv(index=False))
+    return [out / "robustness.md", out / "robustness.csv"]
+
+
+def add_aa_column(evals_dir: str | Path, mean: pd.DataFrame, std: pd.DataFrame
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Table I (mean, std; columns (train domain, metric)) with an "aa" column after each training
+    domain's metrics, rows of methods failing a check marked "⚠ (checks)", and the caption's
+    sentence about both; the tables as they were where no run has a robust.json."""
+    aa_mean, aa_std, flags = aa_columns(evals_dir)
+    if aa_mean.empty:
+        return mean, std, ""
+    columns = [c for t in dict.fromkeys(mean.columns.get_level_values(0))
+               for c in [*[c for c in mean.columns if c[0] == t], (t, "aa")]]
+    mean, std = (pd.concat([table, aa.reindex(table.index)], axis=1).reindex(columns=columns)
+                 for table, aa in ((mean, aa_mean), (std, aa_std)))
+    labels = {m: f"{m} ⚠ ({flags[m]})" for m in mean.index if m in flags}
+    mean, std = mean.rename(index=labels), std.rename(index=labels)
+    return mean, std, (
+        "AA: accuracy under AutoAttack (`robust.attack`) on a stratified subset of the test split "
+        "(reports/robustness.md); ⚠ (checks): the gradient-masking checks the method fails there.")
