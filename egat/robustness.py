@@ -248,7 +248,8 @@ def robust_run(params: Params, method: str, domain: str, seed: int,
         tracker.log_metrics({"robust/clean": result["clean"], "robust/aa": result["aa"],
                              **{f"robust/check_{k}": float(c["passed"])
                                 for k, c in result["checks"].items()},
-                             **{f"robust/seconds/{k}": v for k, v in seconds.items()},
+                             **{f"robust/seconds/{k.replace('@', '_eps')}": v
+                                for k, v in seconds.items()},
                              "robust/seconds/total": sum(seconds.values())}, step=0)
         tracker.log_artifact(path)
     return {**result, "seconds": seconds}

@@ -153,6 +153,7 @@ def cell(tmp_path_factory):
     return root, raw
 
 
+@pytest.mark.slow
 def test_the_stage_writes_robust_json_and_logs_to_mlflow(cell, monkeypatch):
     import mlflow
 
