@@ -177,7 +177,7 @@ EVALUATION_ATTACKS = ("fgsm", "mifgsm", "pgd", "apgd", "apgdt", "square", "autoa
 
 class AttackParams(Strict):
     # fgsm_rs and free are training-time attacks (fast adversarial training), not evaluation ones.
-    # apgd, apgdt, square, autoattack: AutoAttack's attacks (Croce & Hein 2020, docs/robustness.md).
+    # apgd, apgdt, square, autoattack: AutoAttack's attacks (Croce & Hein 2020; README, Robust evaluation).
     name: Literal["fgsm", "mifgsm", "pgd", "fgsm_rs", "free", "apgd", "apgdt", "square",
                   "autoattack"] = "pgd"
     eps: float = Field(8 / 255, ge=0, le=1)
@@ -320,7 +320,7 @@ def _no_training_attack(key: str, attack: AttackParams) -> AttackParams:
 
 
 class ChecklistParams(Strict):
-    """The gradient-masking checks (a)-(e) of Carlini et al. 2019 (docs/robustness.md)."""
+    """The gradient-masking checks (a)-(e) of Carlini et al. 2019 (README, Robust evaluation)."""
 
     # (a) APGD-CE accuracy at these eps must not rise with eps and be <= max_final_acc at the last
     eps: list[float] = [2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255, 64 / 255]

@@ -1,6 +1,6 @@
 """Robust evaluation of one trained run: AutoAttack and the gradient-masking checklist
-(docs/robustness.md; Croce & Hein 2020, Carlini et al. 2019, "On Evaluating Adversarial
-Robustness").
+(README, "Robust evaluation"; Croce & Hein 2020, Carlini et al. 2019, "On Evaluating
+Adversarial Robustness").
 
 On a stratified, seeded subset of the in-domain test split (``robust.subset``; "all" = the whole
 split) the stage computes clean accuracy, accuracy under ``robust.attack`` (AutoAttack: the AA

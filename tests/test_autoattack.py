@@ -184,3 +184,13 @@ def test_apgdt_needs_four_classes():
     model, x, y, _ = linear_problem(classes=2)
     with pytest.raises(ValueError, match="APGDT: the targeted DLR loss needs >= 4 classes"):
         APGDT(model, EPS)(x, y)
+
+
+def test_without_torchattacks_the_attacks_say_how_to_install_it(monkeypatch):
+    import sys
+
+    from egat.errors import EgatError
+
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # `import torchattacks` now fails
+    with pytest.raises(EgatError, match=r"install it with: pip install --no-deps 'torchattacks>=3\.5'"):
+        build_attack(linear_model(5), AttackParams(name="autoattack"))
