@@ -194,3 +194,15 @@ def test_without_torchattacks_the_attacks_say_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # `import torchattacks` now fails
     with pytest.raises(EgatError, match=r"install it with: pip install --no-deps 'torchattacks>=3\.5'"):
         build_attack(linear_model(5), AttackParams(name="autoattack"))
+
+
+def test_the_attack_sweep_runs_apgd_by_default():
+    from egat.config import params_from_dict
+    from egat.evaluation import attack_sweep
+
+    assert "apgd" in params_from_dict({}).eval.sweep.attacks
+    model, x, y, robust = linear_problem(classes=5)
+    params = params_from_dict({"eval": {"sweep": {"attacks": ["pgd", "apgd"], "eps": [EPS, 0.25]}}})
+    sweep = attack_sweep(model, params, [{"image": x, "label": y}], "cpu")
+    assert sweep["apgd"][f"{EPS:g}"] == pytest.approx(100.0 * robust.float().mean().item())
+    assert sweep["apgd"]["0.25"] == 0.0
