@@ -359,7 +359,7 @@ class RobustParams(Strict):
     """The `robustness` stage: AutoAttack and the masking checklist on one trained run."""
 
     # a stratified (equal per class), seeded subset of the in-domain test split, or "all"
-    subset: int | str = 100
+    subset: int | str = 20
     seed: int = 0
     attack: RobustAttackParams = RobustAttackParams()
     # (d) transfer: adversarial examples made on this method's run of the same domain and seed;

@@ -13,9 +13,15 @@ from pathlib import Path
 import pandas as pd
 
 from egat import io
-from egat.robustness import CHECKS
 
 KEYS = ["method", "train_domain"]
+CHECKS = {  # egat.robustness.robust_metrics's checks
+    "a": "accuracy falls with eps to <= max_final_acc",
+    "b": "stronger PGD (more steps, restarts) no better for the model",
+    "c": "black-box Square accuracy >= white-box APGD-CE accuracy",
+    "d": "transfer attack weaker than white-box",
+    "e": "loss rises along the gradient sign",
+}
 
 
 def load_robust(evals_dir: str | Path) -> pd.DataFrame:

@@ -37,13 +37,6 @@ from egat.errors import EgatError
 from egat.metrics import iterate_batches
 from egat.seeding import seeded_scope
 
-CHECKS = {
-    "a": "accuracy falls with eps to <= max_final_acc",
-    "b": "stronger PGD (more steps, restarts) no better for the model",
-    "c": "black-box Square accuracy >= white-box APGD-CE accuracy",
-    "d": "transfer attack weaker than white-box",
-    "e": "loss rises along the gradient sign",
-}
 # (e): the loss "rises" at the scan's end when it exceeds the clean loss by this factor plus
 # RISE_ABS (nats): an exactly flat scan (zero gradient) never rises, a confident image's
 # small but real rise does.
