@@ -343,8 +343,8 @@ class ChecklistParams(Strict):
     @field_validator("eps")
     @classmethod
     def _eps_increasing(cls, v):
-        if not v or any(e < 0 for e in v) or any(b <= a for a, b in zip(v, v[1:])):
-            raise ValueError(f"eps must be a non-empty increasing list of values >= 0, got {v}")
+        if not v or not all(0 <= e <= 1 for e in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"eps must be a non-empty increasing list of values in [0, 1], got {v}")
         return v
 
 
@@ -368,10 +368,10 @@ class RobustParams(Strict):
     transfer_fallback: str = "pgd_at"
     checklist: ChecklistParams = ChecklistParams()
 
-    @field_validator("subset")
+    @field_validator("subset", mode="before")
     @classmethod
     def _subset(cls, v):
-        if v == "all" or (isinstance(v, int) and v >= 1):
+        if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             return v
         raise ValueError(
             f"must be an integer >= 1 (images of a stratified subset of the test split) or 'all' "
