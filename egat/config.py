@@ -197,9 +197,14 @@ class ModelParams(Strict):
     input_size: int | None = Field(None, ge=8, le=1024)
 
 
+EVALUATION_ATTACKS = ("fgsm", "mifgsm", "pgd", "apgd", "apgdt", "square", "autoattack")
+
+
 class AttackParams(Strict):
     # fgsm_rs and free are training-time attacks (fast adversarial training), not evaluation ones.
-    name: Literal["fgsm", "mifgsm", "pgd", "fgsm_rs", "free"] = "pgd"
+    # apgd, apgdt, square, autoattack: AutoAttack's attacks (Croce & Hein 2020; README, Robust evaluation).
+    name: Literal["fgsm", "mifgsm", "pgd", "fgsm_rs", "free", "apgd", "apgdt", "square",
+                  "autoattack"] = "pgd"
     eps: float = Field(8 / 255, ge=0, le=1)
     alpha: float = Field(2 / 255, ge=0, le=1)
     steps: int = Field(10, ge=1)
@@ -208,6 +213,13 @@ class AttackParams(Strict):
     model_mode: Literal["eval", "train"] = "eval"  # the model's mode while the attack runs
     rs_alpha_ratio: float = Field(1.25, gt=0)  # fgsm_rs: step = ratio * eps (Wong et al. 2020)
     replays: int = Field(4, ge=1)  # free: minibatch replays m (Shafahi et al. 2019)
+    restarts: int = Field(1, ge=1)  # apgd, apgdt, square: random restarts (per image, the best)
+    targets: int = Field(9, ge=1)  # apgdt: target classes (the top ones after the true class)
+    queries: int = Field(5000, ge=1)  # square: queries per image and restart
+    p_init: float = Field(0.8, gt=0, le=1)  # square: initial fraction of pixels per square
+    # autoattack: its attacks, run in turn on the images the previous ones did not fool
+    ensemble: list[Literal["fgsm", "mifgsm", "pgd", "apgd", "apgdt", "square"]] = Field(
+        ["apgd", "apgdt", "square"], min_length=1)
 
     _frac = field_validator("eps", "alpha", mode="before")(lambda v: _fraction(v))
 
@@ -299,7 +311,7 @@ class TrainParams(Strict):
 
 
 class SweepParams(Strict):
-    attacks: list[Literal["fgsm", "mifgsm", "pgd"]] = ["fgsm", "mifgsm", "pgd"]
+    attacks: list[Literal["fgsm", "mifgsm", "pgd", "apgd"]] = ["fgsm", "mifgsm", "pgd", "apgd"]
     eps: list[float] = [0.01, 0.02, 0.03, 0.04]
     steps: int = Field(10, ge=1)
     max_examples: int = Field(100, ge=0)  # test images of the training domains; 0 = all
@@ -332,11 +344,81 @@ class EvalParams(Strict):
     @field_validator("attack")
     @classmethod
     def _evaluation_attack(cls, v):
-        if v.name in TRAINING_ONLY_ATTACKS:
-            raise ValueError(
-                f"name={v.name!r} is a training-time attack; evaluate with fgsm, mifgsm or pgd"
-            )
+        return _no_training_attack("", v)
+
+
+def _no_training_attack(key: str, attack: AttackParams) -> AttackParams:
+    if attack.name in TRAINING_ONLY_ATTACKS:
+        raise ValueError(
+            f"{key}name={attack.name!r} is a training-time attack; evaluate with "
+            f"{', '.join(EVALUATION_ATTACKS)}"
+        )
+    return attack
+
+
+class ChecklistParams(Strict):
+    """The gradient-masking checks (a)-(e) of Carlini et al. 2019 (README, Robust evaluation)."""
+
+    # (a) APGD-CE accuracy at these eps must not rise with eps and be <= max_final_acc at the last
+    eps: list[float] = [2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255, 64 / 255]
+    max_final_acc: float = Field(1.0, ge=0, le=100)
+    # (b) PGD with steps_factor x eval.attack.steps and `restarts` restarts vs eval.attack itself
+    steps_factor: int = Field(10, ge=1)
+    restarts: int = Field(5, ge=1)
+    # (e) cross-entropy at scan_points evenly spaced steps t * robust.attack.eps * sign(grad), t in
+    # [0, 1]: the check passes when the loss rises on at least min_rising of the images
+    scan_points: int = Field(9, ge=2)
+    min_rising: float = Field(0.75, ge=0, le=1)
+    # accuracy (points) by which a comparison of (a)-(d) may go the wrong way (sampling noise)
+    tolerance: float = Field(0.0, ge=0)
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _eps_fractions(cls, v):
+        return [_fraction(e) for e in v] if isinstance(v, list) else v
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_increasing(cls, v):
+        if not v or not all(0 <= e <= 1 for e in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"eps must be a non-empty increasing list of values in [0, 1], got {v}")
         return v
+
+
+class RobustAttackParams(AttackParams):
+    """``robust.attack``: AutoAttack unless named otherwise (keys given without a name keep it)."""
+
+    name: Literal["fgsm", "mifgsm", "pgd", "fgsm_rs", "free", "apgd", "apgdt", "square",
+                  "autoattack"] = "autoattack"
+
+
+class RobustParams(Strict):
+    """The `robustness` stage: AutoAttack and the masking checklist on one trained run."""
+
+    # a stratified (equal per class), seeded subset of the in-domain test split, or "all"
+    subset: int | str = 20
+    seed: int = 0
+    attack: RobustAttackParams = RobustAttackParams()
+    # (d) transfer: adversarial examples made on this method's run of the same domain and seed;
+    # a run of transfer_from itself takes them from transfer_fallback's run
+    transfer_from: str = "erm"
+    transfer_fallback: str = "pgd_at"
+    checklist: ChecklistParams = ChecklistParams()
+
+    @field_validator("subset", mode="before")
+    @classmethod
+    def _subset(cls, v):
+        if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(
+            f"must be an integer >= 1 (images of a stratified subset of the test split) or 'all' "
+            f"(the whole split), got {v!r}"
+        )
+
+    @field_validator("attack")
+    @classmethod
+    def _evaluation_attack(cls, v):
+        return _no_training_attack("", v)
 
 
 class StudyParams(Strict):
@@ -497,6 +579,7 @@ class Params(Strict):
     methods: dict[str, dict[str, Any]] = {}  # per-method hyperparameters, validated by each method
     eval: EvalParams = EvalParams()
     study: StudyParams = StudyParams()
+    robust: RobustParams = RobustParams()
     studies: StudiesParams = StudiesParams()
     # Keys owned by other stages (report, studies) pass through untouched.
     report: dict[str, Any] = {}
@@ -521,6 +604,9 @@ class Params(Strict):
             except ValidationError as exc:  # re-raised with the full key path
                 raise ValueError(format_validation_error(exc, f"methods.{name}", "")) from None
         _check_name("tune.method", self.tune.method, method_registry.names())
+        _check_name("robust.transfer_from", self.robust.transfer_from, method_registry.names())
+        _check_name("robust.transfer_fallback", self.robust.transfer_fallback,
+                    method_registry.names())
         self._check_studies(method_registry.names())
         return self
 

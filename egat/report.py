@@ -23,6 +23,7 @@ import pandas as pd
 
 from egat import io
 from egat.errors import EgatError
+from egat.robust_report import add_aa_column, build_robust_report
 
 DIGITS = 2  # shown in the markdown tables; Table II ranks values at this precision (paper ties)
 CSV_DIGITS = 4
@@ -38,12 +39,12 @@ Z95 = 1.959964
 CUE_METRICS = {"cacc_cue_match": "cAcc, cue matches", "cacc_cue_mismatch": "cAcc, cue misleads",
                "cue_follow": "cue-follow rate", "cue_free_cacc": "cue-free cAcc",
                "object_erased_cacc": "cAcc, object erased"}
-TABLE1_METRICS = {"cacc": "cAcc", "aacc": "aAcc", "comp": "Comp", "suff": "Suff"}
+TABLE1_METRICS = {"cacc": "cAcc", "aacc": "aAcc", "comp": "Comp", "suff": "Suff", "aa": "AA"}
 EXPLANATION_METRICS = {"spearman": "Spearman", "top_intersection": "top-k overlap",
                        "pointing_game": "pointing game", "mass_in_mask": "mass in mask"}
 BAR_METRICS = {"id_cacc": "in-domain cAcc", "id_aacc": "in-domain aAcc",
                "ood_cacc": "OOD cAcc", "ood_aacc": "OOD aAcc"}
-ATTACK_NAMES = {"fgsm": "FGSM", "mifgsm": "MI-FGSM", "pgd": "PGD"}
+ATTACK_NAMES = {"fgsm": "FGSM", "mifgsm": "MI-FGSM", "pgd": "PGD", "apgd": "APGD-CE"}
 GROUPS = {"id": True, "ood": False}  # metric prefix -> in_domain flag
 
 
@@ -566,12 +567,13 @@ def build_report(
 
     ood = ood_table(results)
     reference = reference_caption(results, references, ood)
-    cells, numbers = in_domain_outputs(in_domain_table(results))
+    table1, aa_caption = add_aa_column(runs_dir, in_domain_table(results))
+    cells, numbers = in_domain_outputs(table1)
     write("table1_in_domain.md", markdown_table(
         "Table I: in-domain results",
         f"Trained and tested on the same domain (test split). {caption} "
         "cAcc/aAcc: clean/adversarial accuracy (%); Comp higher is better, Suff lower is better. "
-        f"{reference}", cells))
+        f"{reference} " + aa_caption, cells))
     write("table1_in_domain.csv", csv_text(numbers))
 
     cells, numbers = ood_outputs(ood)
@@ -606,6 +608,7 @@ def build_report(
         cells))
     write("explanations.csv", csv_text(numbers))
 
+    written += build_robust_report(runs_dir, out, methods_order)
     write("metrics.json", json.dumps(summary_metrics(results, ood), indent=2, sort_keys=True) + "\n")
     write("plots/attack_sweep.csv", sweep_plot_data(results).to_csv(index=False))
 

@@ -30,6 +30,10 @@ TINY = {
     "eval": {"max_examples": 16, "batch_size": 16, "attack": {"steps": 2},
              "sweep": {"attacks": ["fgsm", "pgd"], "eps": [0.01, 0.03], "steps": 2}},
     "study": {"methods": ["erm", "egat"], "train_domains": ["grass"], "seeds": [0]},
+    # check (d)'s transfer sources among the study's methods; cheap attacks
+    "robust": {"subset": 10, "transfer_from": "egat", "transfer_fallback": "erm",
+               "attack": {"steps": 2, "targets": 2, "queries": 5},
+               "checklist": {"eps": ["8/255", "64/255"], "steps_factor": 1, "restarts": 1}},
     # No variant runs here (tests/test_studies.py runs them): their stages depend on all of
     # `methods`, because a variant's method is not known to DVC's templating.
     "studies": {"train": []},
@@ -108,8 +112,10 @@ def test_repro_outputs_reports_metrics_and_mlflow_runs(project):
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("egat").experiment_id])
     keys = {r.data.tags["egat_key"] for r in runs}
-    assert keys == {f"{s}/{m}/grass/seed0" for s in ("train", "evaluate") for m in ("erm", "egat")} | {
-        "studies"}
+    assert keys == {f"{s}/{m}/grass/seed0" for s in ("train", "evaluate", "robustness")
+                    for m in ("erm", "egat")} | {"studies"}
+    assert (reports / "robustness.md").is_file() and "| grass AA" in (
+        reports / "table1_in_domain.md").read_text()
     train = next(r for r in runs if r.data.tags["egat_key"] == "train/egat/grass/seed0")
     assert train.info.status == "FINISHED"
     assert {"method", "domain", "seed", "dataset", "git_commit", "stage"} <= set(train.data.tags)
@@ -133,8 +139,10 @@ def test_changing_a_lambda_reruns_only_that_method_downstream(project):
     raw = yaml.safe_load(params.read_text())
     raw["methods"]["egat"]["lambda_adv"] = 2.0
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    # both robustness cells: egat's own run and erm's transfer source (robust.transfer_from)
     assert stages_run_by_repro(project) == {
-        "train@egat-grass-0", "evaluate@egat-grass-0", "report", "studies"}
+        "train@egat-grass-0", "evaluate@egat-grass-0", "robustness@egat-grass-0",
+        "robustness@erm-grass-0", "report", "studies"}
 
 
 def free_port() -> int:

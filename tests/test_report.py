@@ -290,6 +290,7 @@ def test_figures_are_valid_pngs(report_dir, name):
 
 def test_every_file_written_and_no_temp_files_left(runs_dir, report_dir):
     expected = {"table1_in_domain.md", "table1_in_domain.csv", "table2_ood.md", "table2_ood.csv",
+                "cue.md", "cue.csv",
                 "explanations.md", "explanations.csv", "metrics.json", "plots/attack_sweep.csv",
                 "attack_sweep.png", "accuracy_bars.png"}
     before = {p.relative_to(report_dir).as_posix(): p.read_bytes()

@@ -1,17 +1,22 @@
 """L_inf adversarial attacks in pixel scale (torchattacks-style): ``attack(x, y) -> x_adv``.
 
-Registered names: ``fgsm``, ``mifgsm``, ``pgd`` and the training-time ``fgsm_rs``, ``free``;
-:func:`build_attack` maps :class:`AttackParams`.
+Registered names: ``fgsm``, ``mifgsm``, ``pgd``, AutoAttack's ``apgd`` (APGD-CE), ``apgdt``
+(APGD-T, targeted DLR), ``square`` and ``autoattack`` (the ensemble), and the training-time
+``fgsm_rs``, ``free``; :func:`build_attack` maps :class:`AttackParams`.
 """
 
+from egat.attacks.apgd import APGD
+from egat.attacks.apgdt import APGDT
+from egat.attacks.autoattack import AutoAttack, Ensemble
 from egat.attacks.base import Attack, attack_registry, build_attack, model_mode
 from egat.attacks.fgsm import FGSM
 from egat.attacks.fgsm_rs import FGSMRandomStart
 from egat.attacks.free import FreePerturbation
 from egat.attacks.mifgsm import MIFGSM
 from egat.attacks.pgd import PGD
+from egat.attacks.square import Square
 
 __all__ = [
-    "Attack", "FGSM", "FGSMRandomStart", "FreePerturbation", "MIFGSM", "PGD", "attack_registry",
-    "build_attack", "model_mode",
+    "APGD", "APGDT", "Attack", "AutoAttack", "Ensemble", "FGSM", "FGSMRandomStart",
+    "FreePerturbation", "MIFGSM", "PGD", "Square", "attack_registry", "build_attack", "model_mode",
 ]

@@ -63,6 +63,8 @@ class Attack:
 
     training_only = False  # True: a fast-training attack, not an evaluation one
     replays = 1  # consecutive training steps on each minibatch (free adversarial training: m)
+    # False: images the attack does not fool come back unchanged (AutoAttack's convention)
+    perturbs_every_image = True
 
     def __init__(self, model: nn.Module, eps: float, model_mode: ModelMode = "eval"):
         self._require_non_negative("eps", eps)
@@ -135,8 +137,13 @@ class Attack:
         if steps < 1:
             raise ValueError(f"{type(self).__name__}: steps must be >= 1, got {steps}")
 
+    def _require_restarts(self, restarts: int) -> None:
+        if restarts < 1:
+            raise ValueError(f"{type(self).__name__}: restarts must be >= 1, got {restarts}")
+
     def __repr__(self) -> str:
-        hparams = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "model")
+        hparams = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
+                            if k != "model" and not k.startswith("_"))
         return f"{type(self).__name__}({hparams})"
 
 
