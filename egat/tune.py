@@ -8,9 +8,13 @@ its rungs (in steps) and Optuna's TPE may propose the lambdas.
 
 MLflow: one parent run per search and one child run per trial (tag ``mlflow.parentRunId``), with
 the trial's lambdas as params and its reported metrics; the driver writes them all
-(:class:`egat.tune_mlflow.MlflowTrialCallback`), so trials that ASHA stops are closed too. The sqlite store takes a few
-concurrent writers (writes retry "database is locked"); beyond about 4 concurrent trials, or with
-trials on several machines, set MLFLOW_TRACKING_URI to an ``mlflow server`` (README, Reliability).
+(:class:`egat.tune_mlflow.MlflowTrialCallback`), so trials that ASHA stops are closed too. The
+sqlite store takes a few concurrent writers (writes retry "database is locked"); beyond about 4
+concurrent trials, or with trials on several machines, set MLFLOW_TRACKING_URI to an ``mlflow
+server`` (README, Reliability).
+
+A killed search resumes (``egat tune --resume``) from its experiment folder with
+``Tuner.restore``; ``egat_search.json`` there holds its name, params and parent run.
 
 The best lambdas are printed as a table and written to ``tune.best_params_file`` as flat
 ``methods.egat.lambda_adv: ...`` keys, with the ``dvc exp run -S ...`` command to run them.
@@ -245,8 +249,9 @@ def run_search(
                     failure_config=tune.FailureConfig(max_failures=0),
                 ),
             )
-        _write_search_file(path, {"name": name, "params": ctx["params"], "num_samples": num_samples,
-                                  "parent_run_id": parent_id, "finished": False})
+        state = {"name": name, "params": ctx["params"], "num_samples": num_samples,
+                 "parent_run_id": parent_id, "finished": False}
+        _write_search_file(path, state)
         verb = "resuming" if previous else "tune"
         echo(f"{verb} {name}: {num_samples} trials, {concurrency} at a time, {steps} steps each, "
              f"search={tp.search}, scheduler={tp.scheduler}, objective={tp.objective}")
@@ -260,8 +265,7 @@ def run_search(
                 distributed.reap_orphan_placement_groups()
         result = _summarise(grid, params, name, parent_id, out)
         _log_parent(client, parent_id, result)
-        _write_search_file(path, {"name": name, "params": ctx["params"], "num_samples": num_samples,
-                                  "parent_run_id": parent_id, "finished": True})
+        _write_search_file(path, {**state, "finished": True})
         echo(_table(result, tp))
         echo(f"best {tp.objective} = {result.best_metrics.get('objective', float('nan')):.2f} "
              f"(trial {result.best_metrics.get('trial_id')}); written to {result.best_params_file}")

@@ -23,9 +23,9 @@ from egat.tracking.base import Tracker
 from egat.urls import redact
 
 EXPERIMENT = "egat"
-# MLflow 3's UI opens an experiment without this tag as a GenAI project (traces overview); a
-# model-training experiment opens on its runs table. The values are those of MLflow's UI
-# (genai_development | custom_model_development).
+# MLflow 3's experiment kind (values as in its UI: genai_development | custom_model_development):
+# without it an experiment may open as a GenAI project (traces overview). MLflow 3.17's UI takes
+# the kind from its GenAI / Model training switch instead (README, the MLflow UI link).
 EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
 
