@@ -30,7 +30,7 @@ def test_a_run_whose_process_still_runs_is_not_marked_killed(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     key = "train/erm/grass/seed0"
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp_id = ensure_experiment()
     alive = client.create_run(exp_id, tags={"egat_key": key, **owner_tags()}).info.run_id
     proc = subprocess.Popen(["sleep", "60"])

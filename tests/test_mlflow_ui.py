@@ -31,7 +31,7 @@ def test_a_new_experiment_is_a_model_training_experiment(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment(ensure_experiment())
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     # A store made before the tag gets it; a kind the user chose stays.
