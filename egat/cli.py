@@ -205,12 +205,16 @@ def studies(config, overrides, evals: str, out: str) -> None:
               help="number of trials (default: tune.num_samples)")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="YAML of the best params (default: tune.best_params_file)")
-def tune(config: str, overrides: tuple[str, ...], samples: int | None, out: str | None) -> None:
+@click.option("--resume", is_flag=True,
+              help="continue the newest unfinished search of tune.name (same --config and --set): "
+              "finished trials are kept, unfinished ones go on from their last checkpoints")
+def tune(config: str, overrides: tuple[str, ...], samples: int | None, out: str | None,
+         resume: bool) -> None:
     """Search EGAT's lambdas with Ray Tune (the `tune` group of params.yaml); each trial is a Ray
     Train run and a nested MLflow run; the best values go to a YAML for `dvc exp run -S`."""
     from egat.tune import run_search
 
-    run_search(_params(config, overrides), samples=samples, out=out, echo=click.echo)
+    run_search(_params(config, overrides), samples=samples, out=out, echo=click.echo, resume=resume)
 
 
 @cli.command()

@@ -10,6 +10,7 @@ from egat import io
 from egat.config import Params, params_from_dict
 from egat.errors import DataError, ParamsError
 from egat.run_layout import EVALS, cell_dir, eval_path
+from egat.tracking.datasets import split_inputs
 from egat.tracking.mlflow_tracker import MlflowTracker
 
 
@@ -134,6 +135,7 @@ def train_run(params: Params, method: str, domain: str, seed: int, name: str | N
     tracker = MlflowTracker(key, tags, _logged_params(cell, method))
     with tracker:
         result = fit(cell, out, tracker)
+        tracker.log_inputs(split_inputs(cell.data, cell.train.domains, ["train", "val"]))
         tracker.log_artifact(result.best_checkpoint, "checkpoint")
         tracker.log_artifact(out / "train_metrics.json")
         model, _, _ = model_from_checkpoint(result.best_checkpoint)
@@ -158,6 +160,7 @@ def evaluate_run(params: Params, method: str, domain: str, seed: int, name: str 
     with MlflowTracker(key, tags, _logged_params(cell, method)) as tracker:
         metrics = evaluate_model(model, cell, [domain], resolve_device(cell))
         metrics.update(method=method, seed=seed)
+        tracker.log_inputs(split_inputs(cell.data, list(metrics["domains"]), ["test"]))
         io.write_json(path, metrics)
         tracker.log_metrics({f"test/{k}": v for k, v in metrics["summary"].items()}, step=0)
         for d, values in metrics["domains"].items():

@@ -8,9 +8,13 @@ its rungs (in steps) and Optuna's TPE may propose the lambdas.
 
 MLflow: one parent run per search and one child run per trial (tag ``mlflow.parentRunId``), with
 the trial's lambdas as params and its reported metrics; the driver writes them all
-(:func:`mlflow_callback`), so trials that ASHA stops are closed too. The sqlite store takes a few
-concurrent writers (writes retry "database is locked"); beyond about 4 concurrent trials, or with
-trials on several machines, set MLFLOW_TRACKING_URI to an ``mlflow server`` (README, Reliability).
+(:class:`egat.tune_mlflow.MlflowTrialCallback`), so trials that ASHA stops are closed too. The
+sqlite store takes a few concurrent writers (writes retry "database is locked"); beyond about 4
+concurrent trials, or with trials on several machines, set MLFLOW_TRACKING_URI to an ``mlflow
+server`` (README, Reliability).
+
+A killed search resumes (``egat tune --resume``) from its experiment folder with
+``Tuner.restore``; ``egat_search.json`` there holds its name, params and parent run.
 
 The best lambdas are printed as a table and written to ``tune.best_params_file`` as flat
 ``methods.egat.lambda_adv: ...`` keys, with the ``dvc exp run -S ...`` command to run them.
@@ -18,6 +22,7 @@ The best lambdas are printed as a table and written to ``tune.best_params_file``
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -33,8 +38,7 @@ from egat.errors import EgatError
 # The validation metrics each objective needs from the Trainer.
 OBJECTIVE_VAL_METRICS = {"val_cacc+val_aacc": ["aacc"], "val_cacc": [], "val_comp": ["comp"],
                          "val_cue_free_cacc+val_aacc": ["aacc"]}
-REPORTED = ("val_cacc", "val_aacc", "val_comp", "val_cue_free_cacc", "objective", "train_loss", "train_acc",
-            "best_val_acc")
+SEARCH_FILE = "egat_search.json"  # in the search's experiment folder: what a resume needs
 
 
 @dataclass
@@ -155,75 +159,6 @@ def trial_driver(config: dict, ctx: dict) -> None:
     )
 
 
-def mlflow_callback(client, experiment_id: str, parent_id: str, search: str, steps: int):
-    """A Ray Tune callback, on the search's driver: one MLflow run per trial, nested under
-    ``parent_id``, with the trial's sampled values as params and its reports as metrics (and the
-    placement groups of stopped trials freed, see ``reap_orphan_placement_groups``)."""
-    from ray.tune import Callback
-
-    class MlflowTrialCallback(Callback):
-        def __init__(self):
-            self.runs: dict[str, str] = {}
-            self.last_step: dict[str, int] = {}
-            self.reaped_at = 0.0
-
-        def on_step_begin(self, iteration, trials, **info):
-            # A stopped trial's Train controller dies with it and leaks its workers' placement
-            # group when the cluster has no State API: free those every few seconds.
-            if time.monotonic() - self.reaped_at > 5.0:
-                from egat.train.distributed import reap_orphan_placement_groups
-
-                reap_orphan_placement_groups()
-                self.reaped_at = time.monotonic()
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            if trial.trial_id in self.runs:
-                return
-            run = client.create_run(
-                experiment_id, run_name=f"{search}/{trial.trial_id}",
-                tags={"mlflow.parentRunId": parent_id, "stage": "tune-trial",
-                      "egat_key": f"tune/{search}/{trial.trial_id}", "trial_id": trial.trial_id},
-            )
-            self.runs[trial.trial_id] = run.info.run_id
-            from mlflow.entities import Param
-
-            client.log_batch(run.info.run_id, params=[
-                Param(k, repr(float(v))) for k, v in trial.config.items()
-            ])
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            run_id = self.runs.get(trial.trial_id)
-            if run_id is None:
-                return
-            from mlflow.entities import Metric
-
-            step = int(result.get("step", 0))
-            now = int(time.time() * 1000)
-            metrics = [
-                Metric(k, float(result[k]), now, step) for k in REPORTED
-                if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])
-            ]
-            if metrics:
-                client.log_batch(run_id, metrics=metrics)
-            self.last_step[trial.trial_id] = step
-
-        def _close(self, trial, status):
-            run_id = self.runs.get(trial.trial_id)
-            if run_id is None:
-                return
-            if status == "FINISHED" and self.last_step.get(trial.trial_id, 0) < steps:
-                client.set_tag(run_id, "early_stopped", "true")
-            client.set_terminated(run_id, status=status)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._close(trial, "FINISHED")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._close(trial, "FAILED")
-
-    return MlflowTrialCallback()
-
-
 def best_params_text(params: Params, best: Mapping[str, float], header: str) -> str:
     """The best values as flat params keys (YAML), with the commands that use them."""
     tp = params.tune
@@ -245,17 +180,27 @@ def _round(value: float) -> float:
 
 def run_search(
     params: Params, samples: int | None = None, out: str | Path | None = None,
-    echo=print,
+    echo=print, resume: bool = False,
 ) -> SearchResult:
-    """Run the search of ``params.tune`` (``samples`` overrides ``tune.num_samples``)."""
+    """Run the search of ``params.tune`` (``samples`` overrides ``tune.num_samples``).
+
+    ``resume``: continue the newest unfinished search of ``tune.name`` from its experiment folder
+    (``Tuner.restore``): finished trials are kept, unfinished ones go on from their last
+    checkpoints. Either way the parent (and trial) runs of killed searches of ``tune.name`` are
+    marked KILLED.
+    """
     from ray import tune
 
-    from egat.tracking.mlflow_tracker import ensure_experiment, flatten, git_commit, tracking_uri
+    from egat.tracking.mlflow_tracker import (
+        ensure_experiment, flatten, git_commit, mark_orphans_killed, owner_tags, tracking_uri,
+    )
     from egat.train import distributed
 
     tp = params.tune
     space = search_space(tp)  # an empty space fails here, before Ray starts
-    num_samples = samples or tp.num_samples
+    storage = distributed.storage_path(params)
+    previous = resumable_search(storage, tp.name, params, samples) if resume else None
+    num_samples = previous["num_samples"] if previous else samples or tp.num_samples
     probe = trial_params(params, {k: _midpoint(tp, k) for k in space})  # bad keys fail here
     steps = probe.train.steps
     make_search(tp, 1)  # a missing optuna fails here
@@ -265,18 +210,24 @@ def run_search(
     distributed.connect()
     concurrency = max_concurrency(params)
     cwd = os.getcwd()
-    name = f"{tp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = previous["name"] if previous else f"{tp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     import mlflow
 
+    from egat.tune_mlflow import MlflowTrialCallback, parent_key
+
     experiment_id = ensure_experiment()
     client = mlflow.MlflowClient(tracking_uri=tracking_uri())
-    parent = client.create_run(
-        experiment_id, run_name=f"tune/{name}",
-        tags={"egat_key": f"tune/{name}", "stage": "tune", "method": tp.method,
-              "git_commit": git_commit(), "dataset": params.data.name, "model": params.model.name},
-    )
-    parent_id = parent.info.run_id
+    # Killed searches of this name (their drivers are gone) leave RUNNING parent and trial runs.
+    mark_orphans_killed(client, experiment_id, f"tune/{tp.name}-%")
+    tags = {"egat_key": parent_key(name), "stage": "tune", "method": tp.method,
+            "git_commit": git_commit(), "dataset": params.data.name, "model": params.model.name,
+            **owner_tags()}
+    if previous:
+        tags["resumes"] = previous["parent_run_id"]
+    parent_id = client.create_run(experiment_id, run_name=f"tune/{name}", tags=tags).info.run_id
+    if previous:
+        _adopt_trials(client, experiment_id, name, previous["parent_run_id"], parent_id)
     status = "FAILED"
     try:
         from mlflow.entities import Param
@@ -286,27 +237,36 @@ def run_search(
                        "trial_steps": steps, "workers_per_trial": probe.train.workers})
         client.log_batch(parent_id, params=[Param(k, str(v)[:6000]) for k, v in logged.items()])
 
-        search_alg, limit = make_search(tp, concurrency)
-        scheduler = make_scheduler(tp, steps, probe.train.eval_every)
-        callback = mlflow_callback(client, experiment_id, parent_id, name, steps)
         ctx = {"params": params.model_dump(mode="json"), "cwd": cwd, "name": name,
                "objective": tp.objective}
         # Ray refuses an empty request: a driver with no CPU asks for 1 MiB of logical memory.
         driver = {"cpu": tp.trial_driver_cpus} if tp.trial_driver_cpus else {"memory": 2**20}
         trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), driver)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=tune.TuneConfig(
-                metric="objective", mode="max", num_samples=num_samples,
-                scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=limit,
-            ),
-            run_config=tune.RunConfig(
-                name=name, storage_path=distributed.storage_path(params), callbacks=[callback],
-                failure_config=tune.FailureConfig(max_failures=0),
-            ),
-        )
-        echo(f"tune {name}: {num_samples} trials, {concurrency} at a time, {steps} steps each, "
+        path = f"{storage.rstrip('/')}/{name}"
+        if previous:
+            # The search algorithm, scheduler and callbacks come back from the folder.
+            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, param_space=space)
+        else:
+            search_alg, limit = make_search(tp, concurrency)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=space,
+                tune_config=tune.TuneConfig(
+                    metric="objective", mode="max", num_samples=num_samples,
+                    scheduler=make_scheduler(tp, steps, probe.train.eval_every),
+                    search_alg=search_alg, max_concurrent_trials=limit,
+                ),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=storage,
+                    callbacks=[MlflowTrialCallback(name, steps)],
+                    failure_config=tune.FailureConfig(max_failures=0),
+                ),
+            )
+        state = {"name": name, "params": ctx["params"], "num_samples": num_samples,
+                 "parent_run_id": parent_id, "finished": False}
+        _write_search_file(path, state)
+        verb = "resuming" if previous else "tune"
+        echo(f"{verb} {name}: {num_samples} trials, {concurrency} at a time, {steps} steps each, "
              f"search={tp.search}, scheduler={tp.scheduler}, objective={tp.objective}")
         try:
             grid = tuner.fit()
@@ -318,14 +278,86 @@ def run_search(
                 distributed.reap_orphan_placement_groups()
         result = _summarise(grid, params, name, parent_id, out)
         _log_parent(client, parent_id, result)
+        _write_search_file(path, {**state, "finished": True})
         echo(_table(result, tp))
         echo(f"best {tp.objective} = {result.best_metrics.get('objective', float('nan')):.2f} "
              f"(trial {result.best_metrics.get('trial_id')}); written to {result.best_params_file}")
         echo(result.best_params_file.read_text() if result.best_params_file else "")
         status = "FINISHED"
         return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         client.set_terminated(parent_id, status=status)
+
+
+def _search_fs(path: str):
+    """pyarrow's filesystem of a search folder (local or s3://, gs://, as Ray's storage)."""
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(path)
+
+
+def _write_search_file(folder: str, state: dict) -> None:
+    """Write ``<folder>/egat_search.json`` (temp file, then rename)."""
+    fs, base = _search_fs(folder)
+    fs.create_dir(base, recursive=True)
+    tmp = f"{base}/.{SEARCH_FILE}.tmp-{os.getpid()}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(state, indent=1).encode())
+    fs.move(tmp, f"{base}/{SEARCH_FILE}")
+
+
+def resumable_search(storage: str, tune_name: str, params: Params, samples: int | None) -> dict:
+    """The state of the newest search of ``tune_name`` under ``storage``, checked to be
+    resumable with these params; an error says why not."""
+    import pyarrow.fs
+    from ray import tune
+
+    fs, base = _search_fs(storage)
+    found = sorted(
+        (info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+         if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(f"{tune_name}-")),
+        reverse=True,
+    )
+    again = "run `egat tune` without --resume to start a new search"
+    searches = [n for n in found if fs.get_file_info(f"{base}/{n}/{SEARCH_FILE}").is_file]
+    if not searches:
+        raise EgatError(f"tune --resume: no search named {tune_name}-* under {storage} "
+                        f"(tune.name={tune_name}, train.storage_path); {again}")
+    name = searches[0]
+    with fs.open_input_stream(f"{base}/{name}/{SEARCH_FILE}") as f:
+        state = json.loads(f.read())
+    folder = f"{storage.rstrip('/')}/{name}"
+    if state.get("finished"):
+        raise EgatError(f"tune --resume: the newest search {name} has finished (MLflow parent run "
+                        f"{state['parent_run_id']}); {again}")
+    if not tune.Tuner.can_restore(folder):
+        raise EgatError(f"tune --resume: {folder} holds no Tune state to resume from; {again}")
+    if samples and samples != state["num_samples"]:
+        raise EgatError(f"tune --resume: --samples {samples}, but search {name} was started with "
+                        f"{state['num_samples']}; leave --samples out, or {again}")
+    from egat.tracking.mlflow_tracker import flatten
+
+    started, now = flatten(state["params"]), flatten(params.model_dump(mode="json"))
+    changed = sorted(k for k in started.keys() | now.keys() if started.get(k) != now.get(k))
+    if changed:
+        raise EgatError(f"tune --resume: search {name} was started with other params "
+                        f"({', '.join(changed[:8])}); resume with the same --config and --set, or "
+                        f"{again}")
+    return state
+
+
+def _adopt_trials(client, experiment_id: str, name: str, old_parent: str, parent_id: str) -> None:
+    """Move a resumed search's trial runs under its new parent run."""
+    from egat.tracking.mlflow_tracker import retry_locked
+
+    trials = retry_locked(lambda: client.search_runs(
+        [experiment_id], f"tags.egat_key LIKE 'tune/{name}/%'"))
+    for run in trials:
+        retry_locked(lambda: client.set_tag(run.info.run_id, "mlflow.parentRunId", parent_id))
+    retry_locked(lambda: client.set_tag(old_parent, "resumed_by", parent_id))
 
 
 def make_search(tp: TuneParams, concurrency: int):

@@ -196,8 +196,8 @@ def test_training_logs_to_a_real_mlflow_server(tmp_path, monkeypatch, capfd):
 
 def test_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    params = prepared({**TINY, "study": {}})  # the cell's domain is checked against the data first
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:secret@127.0.0.1:{free_port()}")
-    params = params_from_dict({**TINY, "study": {}})
     start = time.monotonic()
     with pytest.raises(EgatError, match="unreachable") as err:
         stages.train_run(params, "erm", "grass", 0)

@@ -2,11 +2,14 @@
 
 Default store: ``sqlite:///mlflow.db`` at the project root with artifacts under ``mlartifacts/``
 (the file store is deprecated); MLFLOW_TRACKING_URI overrides it (e.g. an ``mlflow server``).
+The project root is DVC's: experiments run in a temporary copy (``dvc exp run --temp``, queued
+ones) log to the store of the workspace they came from, tagged with their experiment's name.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 import urllib.error
@@ -20,10 +23,22 @@ from egat.tracking.base import Tracker
 from egat.urls import redact
 
 EXPERIMENT = "egat"
+# MLflow 3's experiment kind (values as in its UI: genai_development | custom_model_development):
+# without it an experiment may open as a GenAI project (traces overview). MLflow 3.17's UI takes
+# the kind from its GenAI / Model training switch instead (README, the MLflow UI link).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
+
+
+def project_root() -> Path:
+    """The folder of the default store. DVC sets DVC_ROOT for every stage it runs, and for a temp or
+    queued experiment to the workspace's root, not to the temporary copy it runs (and deletes)
+    (https://dvc.org/doc/user-guide/env); outside DVC, the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd())
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -69,6 +84,13 @@ def git_commit() -> str:
         return "unknown"
 
 
+def dvc_experiment_tags() -> dict[str, str]:
+    """The DVC experiment a run belongs to (DVC sets these for `dvc exp run`), to find its MLflow
+    runs from `dvc exp show` and back."""
+    names = {"dvc_exp": "DVC_EXP_NAME", "dvc_exp_baseline": "DVC_EXP_BASELINE_REV"}
+    return {tag: os.environ[var] for tag, var in names.items() if os.environ.get(var)}
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in d.items():
@@ -94,11 +116,14 @@ def ensure_experiment(name: str = EXPERIMENT) -> str:
         client = mlflow.MlflowClient()
         exp = client.get_experiment_by_name(name)  # the first call creates a new store's tables
         if exp is not None:
+            if EXPERIMENT_KIND not in exp.tags:  # a store from before the tag (a user's choice stays)
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND,
+                                          EXPERIMENT_TAGS[EXPERIMENT_KIND])
             return exp.experiment_id
         location = None
         if uri.startswith("sqlite:"):
-            location = (Path.cwd() / "mlartifacts").as_uri()
-        return client.create_experiment(name, artifact_location=location)
+            location = (project_root() / "mlartifacts").as_uri()
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
 
 
 def _sqlite_setup_lock(uri: str):
@@ -113,11 +138,50 @@ def _sqlite_setup_lock(uri: str):
     return FileLock(f"{uri.removeprefix('sqlite:///')}.lock", timeout=120)
 
 
+def owner_tags() -> dict[str, str]:
+    """The process that runs a job (host, pid and the pid's start time, as pids are reused)."""
+    import psutil
+
+    proc = psutil.Process()
+    return {"egat_host": socket.gethostname(), "egat_pid": str(proc.pid),
+            "egat_pid_started": repr(proc.create_time())}
+
+
+def is_orphan(run) -> bool:
+    """Whether a RUNNING run's process is gone (killed). A run of another host cannot be checked
+    from here, and one key names one job: those count as orphans, as do runs without the tags."""
+    import psutil
+
+    tags = run.data.tags
+    if tags.get("egat_host") != socket.gethostname() or not tags.get("egat_pid", "").isdigit():
+        return True
+    try:
+        proc = psutil.Process(int(tags["egat_pid"]))
+        return (repr(proc.create_time()) != tags.get("egat_pid_started")
+                or proc.status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def mark_orphans_killed(client, experiment_id: str, key: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of ``key`` (a LIKE pattern when it has a ``%``) whose process
+    is gone; their run ids."""
+    op = "LIKE" if "%" in key else "="
+    running = retry_locked(lambda: client.search_runs(
+        [experiment_id], f"tags.egat_key {op} '{key}' and attributes.status = 'RUNNING'"
+    ))
+    orphans = [run.info.run_id for run in running if is_orphan(run)]
+    for run_id in orphans:
+        retry_locked(lambda: client.set_terminated(run_id, status="KILLED"))
+    return orphans
+
+
 class MlflowTracker(Tracker):
     """A context manager around one MLflow run.
 
     ``key`` identifies the job (e.g. ``train/egat/grass/seed0``): a run with the same key left
-    RUNNING by a killed process is marked KILLED when the job starts again.
+    RUNNING by a killed process is marked KILLED when the job starts again; one whose process
+    still runs (the same cell in a parallel DVC experiment) is left alone.
     """
 
     def __init__(self, key: str, tags: Mapping[str, str], params: Mapping[str, Any] | None = None,
@@ -130,12 +194,9 @@ class MlflowTracker(Tracker):
 
         exp_id = ensure_experiment(self.experiment)
         client = mlflow.MlflowClient()
-        stale = retry_locked(lambda: client.search_runs(
-            [exp_id], f"tags.egat_key = '{self.key}' and attributes.status = 'RUNNING'"
-        ))
-        for run in stale:
-            retry_locked(lambda: client.set_terminated(run.info.run_id, status="KILLED"))
-        tags = {"egat_key": self.key, "git_commit": git_commit(), **self.tags}
+        mark_orphans_killed(client, exp_id, self.key)
+        tags = {"egat_key": self.key, "git_commit": git_commit(), **owner_tags(),
+                **dvc_experiment_tags(), **self.tags}
         run = retry_locked(lambda: mlflow.start_run(experiment_id=exp_id, run_name=self.key, tags=tags))
         self.run_id = run.info.run_id
         if self.params:
@@ -162,6 +223,13 @@ class MlflowTracker(Tracker):
         import mlflow
 
         retry_locked(lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path))
+
+    def log_inputs(self, inputs) -> None:
+        """Log datasets (:func:`egat.tracking.datasets.split_inputs`) as this run's inputs."""
+        import mlflow
+
+        retry_locked(lambda: mlflow.log_inputs(
+            [i.dataset for i in inputs], [i.context for i in inputs], [i.tags for i in inputs]))
 
     def log_model(self, model, input_example, name: str = "model") -> None:
         """Log the model (MLflow's default pt2 format traces ``forward`` on ``input_example``)."""

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 RUN_FILES = (LAST, BEST, METRICS, TIMING)
+# The metrics reported with a checkpoint: a run resumed after its last validation (a Tune trial
+# killed at its end) reports them again, Tune's objective included.
+REPORT = "report.json"
 CONNECT_TIMEOUT_S = 5.0
 # Names of the metrics workers report (to Ray Train, and to Tune through TuneReportCallback).
 REPORT_NAMES = {
@@ -308,6 +311,7 @@ def _report(metrics: dict, work: Path | None, names: Sequence[str]) -> None:
         ray.train.report(metrics)
         return
     staging = _checkpoint_dir(work, names)
+    (staging / REPORT).write_text(json.dumps(metrics))
     try:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
     finally:
@@ -334,6 +338,7 @@ def train_worker(config: dict) -> None:
         # before that (oversubscribed workers on shared cores run several times slower).
         torch.set_num_threads(int(omp))
     work = Path(tempfile.mkdtemp(prefix=f"egat-rank{rank}-"))
+    last: dict[str, Any] = {}
     try:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
@@ -341,11 +346,11 @@ def train_worker(config: dict) -> None:
                 for name in RUN_FILES:
                     if (Path(ckpt_dir) / name).is_file():
                         shutil.copy2(Path(ckpt_dir) / name, work / name)
+                if (Path(ckpt_dir) / REPORT).is_file():
+                    last.update(json.loads((Path(ckpt_dir) / REPORT).read_text()))
         tracker = (config.get("tracker") if rank == 0 else None) or NullTracker()
         objective = config.get("objective")
         fault = config.get("fault")
-
-        last: dict[str, Any] = {}
 
         def on_report(step: int, metrics: dict, checkpointed: bool) -> None:
             _inject_fault(fault, step, rank)
