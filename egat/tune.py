@@ -154,6 +154,7 @@ def mlflow_callback(client, experiment_id: str, parent_id: str, search: str, ste
         def __init__(self):
             self.runs: dict[str, str] = {}
             self.last_step: dict[str, int] = {}
+            self.nodes: dict[str, str] = {}
             self.reaped_at = 0.0
 
         def on_step_begin(self, iteration, trials, **info):
@@ -195,6 +196,10 @@ def mlflow_callback(client, experiment_id: str, parent_id: str, search: str, ste
             if metrics:
                 client.log_batch(run_id, metrics=metrics)
             self.last_step[trial.trial_id] = step
+            node = result.get("node_id")
+            if node and self.nodes.get(trial.trial_id) != node:  # where the trial trains
+                client.set_tag(run_id, "ray.node", node)
+                self.nodes[trial.trial_id] = node
 
         def _close(self, trial, status):
             run_id = self.runs.get(trial.trial_id)

@@ -567,7 +567,8 @@ def train_worker(config: dict) -> None:
 
         def on_report(step: int, metrics: dict, checkpointed: bool) -> None:
             _inject_fault(fault, step, rank)
-            flat = report_metrics(step, metrics, objective)
+            # The node rank 0 trains on reaches Tune with the metrics (its trials' MLflow runs).
+            flat = {**report_metrics(step, metrics, objective), "node_id": placement[0]["node_id"]}
             last.update(flat)
             _report(flat, work if checkpointed and rank == 0 else None, (LAST, BEST))
 
