@@ -128,10 +128,11 @@ def connect(num_cpus: int | None = None) -> None:
         return
     address = os.environ.get("RAY_ADDRESS", "").strip()
     started = time.perf_counter()
+    quiet = {"worker_process_setup_hook": "egat.ray_setup.quiet_state_api"}
     if address:
         check_address(address)
         try:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env=quiet)
         except (ConnectionError, TimeoutError, RuntimeError) as exc:
             raise EgatError(
                 f"could not join the Ray cluster at RAY_ADDRESS={address}: {exc}"
@@ -139,8 +140,7 @@ def connect(num_cpus: int | None = None) -> None:
     else:
         ray.init(
             address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-            logging_level=logging.WARNING,
-            runtime_env={"worker_process_setup_hook": "egat.ray_setup.quiet_state_api"},
+            logging_level=logging.WARNING, runtime_env=quiet,
         )
     log.info("ray ready in %.1f s: %s", time.perf_counter() - started, ray.cluster_resources())
 
