@@ -1,4 +1,4 @@
-"""Set-up hook for the worker processes of egat's Ray jobs (private local cluster or joined).
+"""Set-up hook for the worker processes of egat's private local Ray cluster.
 
 Deliberately light (logging only): Ray runs it in every worker process as it starts, before Ray
 sets the process's OMP_NUM_THREADS, so importing torch here would fix torch's thread count at
@@ -9,9 +9,9 @@ import logging
 
 
 def quiet_state_api() -> None:
-    """The private cluster runs without the dashboard (SPEC section 7), as may a joined one, so
-    Ray Train's placement-group cleaner cannot reach the State API and would log a warning every
-    second of every run. (egat frees what the cleaner would have freed: see
+    """The private cluster runs without the dashboard (SPEC section 7), so Ray Train's
+    placement-group cleaner cannot reach the State API and would log a warning every second of
+    every run. (egat frees what the cleaner would have freed: see
     ``egat.train.distributed.reap_orphan_placement_groups``.)"""
     logging.getLogger(
         "ray.train.v2._internal.execution.controller.placement_group_cleaner"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -291,3 +292,67 @@ def test_what_the_cluster_cannot_place_is_refused_within_seconds(tiny, env, clus
         [e.experiment_id for e in mlflow.search_experiments()],
         "tags.egat_key = 'train/egat/grass/seed7'")  # refused before any run was created
     assert not (env / "runs" / "egat" / "grass" / "seed7").exists()
+
+
+# A third node (no CPUs) whose processes see the storage folder read-only: its own mount
+# namespace, as a node whose NFS mount is read-only or missing would. Ray's Node class is what
+# ray.cluster_utils.Cluster starts a node with; SIGTERM ends it and the processes it started.
+READ_ONLY_NODE = """
+import signal, sys, time
+from ray._private.node import Node
+from ray._private.parameter import RayParams
+params = RayParams(gcs_address=sys.argv[1], num_cpus=0, num_gpus=0, labels={"egat-node": "ro"},
+                   object_store_memory=80 * 2**20, min_worker_port=0, max_worker_port=0,
+                   include_log_monitor=False, node_manager_port=0)
+params.dashboard_agent_listen_port = None
+node = Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_storage_path_one_node_cannot_write_is_refused_naming_that_node(
+        tiny, env, cluster, tracking):
+    import mlflow
+
+    from egat import stages
+
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("needs `unshare -m` (a mount namespace) to give one node a read-only disk")
+    storage = env / "shared" / "read-only-elsewhere"
+    storage.mkdir()
+    node = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$1" -c "$2" "$3"',
+         str(storage), sys.executable, READ_ONLY_NODE, cluster.address],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while "ro" not in node_ids(cluster):
+            assert node.poll() is None and time.monotonic() < deadline, "the node did not join"
+            time.sleep(0.5)
+        ro = node_ids(cluster)["ro"]
+        started = time.perf_counter()
+        with pytest.raises(EgatError) as err:
+            stages.train_run(with_train(tiny, storage_path=str(storage)), "egat", "grass", 8)
+        print(f"storage check: {time.perf_counter() - started:.1f} s: {err.value}")
+        assert str(err.value).startswith(
+            f"train.storage_path={storage}: node {ro[:12]} (127.0.0.1) of the Ray cluster cannot "
+            "write there")
+        assert "Read-only file system" in str(err.value)
+        assert not mlflow.MlflowClient().search_runs(
+            [e.experiment_id for e in mlflow.search_experiments()],
+            "tags.egat_key = 'train/egat/grass/seed8'")
+        assert not list(storage.iterdir())  # the check cleans up after itself
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        try:
+            node.wait(timeout=60)
+        finally:
+            try:
+                os.killpg(node.pid, signal.SIGKILL)  # whatever of that node outlived it
+            except ProcessLookupError:
+                pass

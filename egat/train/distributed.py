@@ -128,11 +128,10 @@ def connect(num_cpus: int | None = None) -> None:
         return
     address = os.environ.get("RAY_ADDRESS", "").strip()
     started = time.perf_counter()
-    quiet = {"worker_process_setup_hook": "egat.ray_setup.quiet_state_api"}
     if address:
         check_address(address)
         try:
-            ray.init(address=address, logging_level=logging.WARNING, runtime_env=quiet)
+            ray.init(address=address, logging_level=logging.WARNING)
         except (ConnectionError, TimeoutError, RuntimeError) as exc:
             raise EgatError(
                 f"could not join the Ray cluster at RAY_ADDRESS={address}: {exc}"
@@ -140,7 +139,8 @@ def connect(num_cpus: int | None = None) -> None:
     else:
         ray.init(
             address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-            logging_level=logging.WARNING, runtime_env=quiet,
+            logging_level=logging.WARNING,
+            runtime_env={"worker_process_setup_hook": "egat.ray_setup.quiet_state_api"},
         )
     log.info("ray ready in %.1f s: %s", time.perf_counter() - started, ray.cluster_resources())
 
@@ -325,7 +325,7 @@ def _probe_node(storage: str, probe_dir: str, token: str) -> str:
 _STORAGE_CHECKED: set[tuple[str, tuple[str, ...]]] = set()
 
 
-def check_storage(storage: str, timeout: float = 60.0) -> None:
+def check_storage(storage: str, timeout: float = 120.0) -> None:
     """Fail unless every alive node of the cluster reads what this machine (the driver) writes
     to ``storage`` and can write there itself: Ray Train's workers upload checkpoints from, and
     restore them onto, whatever node they run on (a local folder of the head is not enough).

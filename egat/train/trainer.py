@@ -403,9 +403,8 @@ def _to_cpu(state: Any) -> Any:
 
 
 def _rank_state(ckpt: dict, rank: int) -> dict:
-    """Rank ``rank``'s RNG and method state in ``last.pt``. A run that resumes on more workers
-    than wrote the checkpoint (elastic Ray Train) starts its new ranks from rank 0's; a
-    checkpoint written before per-rank states has rank 0's at the top level."""
+    """Rank ``rank``'s RNG and method state in ``last.pt``. A checkpoint written before the
+    per-rank states holds rank 0's only, at the top level: every rank resumes from that."""
     ranks = ckpt.get("ranks") or [
         {"method": ckpt["method"], "rng": ckpt["rng"], "cuda_rng": ckpt.get("cuda_rng")}
     ]
