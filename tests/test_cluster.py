@@ -166,32 +166,37 @@ def two_nodes(tiny, env, cluster, tracking):
 @pytest.fixture(scope="module")
 def node_loss(tiny, env, cluster, tracking, two_nodes):
     """Rank 1 hangs at step 6 (after the step-4 checkpoint); its node is then SIGKILLed, as a spot
-    instance reclaimed without notice, and a replacement spot node joins."""
+    instance reclaimed without notice, and a replacement spot node joins. The run trains in a
+    thread: the test takes the node away meanwhile."""
     marker = env / "hang.marker"
-    seen: dict = {}
-
-    def take_the_node_away() -> None:
-        try:
-            deadline = time.monotonic() + 600
-            while not marker.exists() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            seen["marker"] = marker.read_text()
-            node_id = seen["marker"].split("node ")[-1].strip()
-            (node,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
-            seen["lost"], seen["lost_at"] = node_id, time.monotonic()
-            cluster.remove_node(node, allow_graceful=False)
-            seen["joined"] = cluster.add_node(num_cpus=1, labels={NODE: "spot"}).node_id
-        except Exception as exc:  # reported by the fixture
-            seen["error"] = exc
-
-    watcher = threading.Thread(target=take_the_node_away, daemon=True)
-    watcher.start()
     fault = {"step": 6, "rank": 1, "marker": str(marker), "action": "hang"}
+    out: dict = {}
+
+    def train() -> None:
+        try:
+            out["run"] = tracked_fit(with_train(tiny, max_failures=1), env / "runs" / "lost",
+                                     fault=fault)
+        except BaseException as exc:  # re-raised below
+            out["error"] = exc
+
     started = time.monotonic()
-    result, run_id = tracked_fit(with_train(tiny, max_failures=1), env / "runs" / "lost", fault=fault)
+    trainer = threading.Thread(target=train, daemon=True)
+    trainer.start()
+    while not marker.exists() and trainer.is_alive():
+        assert time.monotonic() - started < 900, "rank 1 never reached step 6"
+        time.sleep(0.2)
+    assert "error" not in out, out.get("error")
+    seen = {"marker": marker.read_text()}
+    seen["lost"] = seen["marker"].split("node ")[-1].strip()
+    (node,) = [n for n in cluster.worker_nodes if n.node_id == seen["lost"]]
+    cluster.remove_node(node, allow_graceful=False)  # SIGKILL of all its processes
+    seen["joined"] = cluster.add_node(num_cpus=1, labels={NODE: "spot"}).node_id
+    trainer.join(timeout=900)
+    assert not trainer.is_alive(), "the run did not finish on the replacement node"
+    if "error" in out:
+        raise out["error"]
     seen["wall_s"] = time.monotonic() - started
-    watcher.join(timeout=60)
-    assert "error" not in seen, seen.get("error")
+    result, run_id = out["run"]
     return result, run_id, seen
 
 
