@@ -297,6 +297,10 @@ class TrainParams(Strict):
     max_failures: int = Field(1, ge=-1)
     storage_path: str | None = None
     resources_per_worker: dict[str, float] = {}
+    # Ray node labels each worker's node must carry (Ray's ScalingConfig.label_selector): one
+    # mapping for every worker, or a list with one per rank (rank 0 on on-demand nodes, the
+    # others on spot ones); values match exactly. {} = any node.
+    label_selector: dict[str, str] | list[dict[str, str]] = {}
     guard: GuardParams = GuardParams()
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 adds a GradScaler
     compile: bool = False  # torch.compile the backbone (not with double-backward methods)
@@ -308,6 +312,15 @@ class TrainParams(Strict):
         if bad:
             raise ValueError(f"resources must be >= 0, got {bad}")
         return v
+
+    @model_validator(mode="after")
+    def _one_selector_per_worker(self):
+        if isinstance(self.label_selector, list) and len(self.label_selector) != self.workers:
+            raise ValueError(
+                f"label_selector lists {len(self.label_selector)} selector(s) for "
+                f"workers={self.workers}: give one per worker, or one mapping for all"
+            )
+        return self
 
 
 class SweepParams(Strict):

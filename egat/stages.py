@@ -123,7 +123,7 @@ def _tags(params: Params, stage: str, method: str, domain: str, seed: int) -> di
 def train_run(params: Params, method: str, domain: str, seed: int, name: str | None = None) -> dict:
     """Train one cell (in process or on Ray Train, see ``train.backend``), tracked in MLflow with
     its checkpoint and model. ``name`` (a studies variant) replaces the method in folder and key."""
-    from egat.train.launch import fit
+    from egat.train.launch import fit, preflight
     from egat.train.trainer import model_from_checkpoint
 
     cell = run_params(params, method, domain, seed)
@@ -132,6 +132,7 @@ def train_run(params: Params, method: str, domain: str, seed: int, name: str | N
     out = run_dir(params, name, domain, seed)
     key = f"train/{name}/{domain}/seed{seed}"
     tags = {**_tags(cell, "train", method, domain, seed), "run": name}
+    preflight(cell)  # a run the cluster cannot hold leaves no MLflow run behind
     tracker = MlflowTracker(key, tags, _logged_params(cell, method))
     with tracker:
         result = fit(cell, out, tracker)

@@ -156,6 +156,7 @@ def trial_driver(config: dict, ctx: dict) -> None:
     fit(
         params, None, backend="ray", name=f"{ctx['name']}-{trial_id}",
         callbacks=[TuneReportCallback()], objective=ctx["objective"], cwd=ctx["cwd"],
+        storage_checked=True,
     )
 
 
@@ -207,7 +208,7 @@ def run_search(
     check_objective(params)  # an objective the data cannot compute fails here
     if not os.environ.get("RAY_ADDRESS", "").strip():
         max_concurrency(params)  # too many workers per trial for this machine: fail before Ray
-    distributed.connect()
+    distributed.check_cluster(probe)  # placement and every node's access to the storage
     concurrency = max_concurrency(params)
     cwd = os.getcwd()
     name = previous["name"] if previous else f"{tp.name}-{time.strftime('%Y%m%d-%H%M%S')}"

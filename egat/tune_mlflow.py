@@ -41,6 +41,7 @@ class MlflowTrialCallback(Callback):
         self._client = self._experiment_id = self._parent_id = None
         self.runs: dict[str, str] = {}
         self.last_step: dict[str, int] = {}
+        self.nodes: dict[str, str] = {}
         self.reaped_at = 0.0
 
     def __getstate__(self):
@@ -129,6 +130,10 @@ class MlflowTrialCallback(Callback):
         if metrics:
             retry_locked(lambda: self.client.log_batch(run_id, metrics=metrics))
         self.last_step[trial.trial_id] = step
+        node = result.get("node_id")
+        if node and self.nodes.get(trial.trial_id) != node:  # where the trial trains
+            retry_locked(lambda: self.client.set_tag(run_id, "ray.node", node))
+            self.nodes[trial.trial_id] = node
 
     def _close(self, trial, status):
         run_id = self.runs.get(trial.trial_id)

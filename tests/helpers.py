@@ -93,3 +93,62 @@ def prepared(raw: dict, data_dir: Path | None = None) -> Params:
     stages.prepare(params)
     stages.guides(params)
     return params
+
+
+def _train_rank(rank: int, world: int, port: int, raw: dict, run_dir: str, stop_at: int) -> None:
+    import torch.distributed as dist
+
+    from egat.train.trainer import Trainer
+
+    class Stop(Exception):
+        pass
+
+    def stop(step: int, metrics: dict, checkpointed: bool) -> None:
+        if step == stop_at:
+            raise Stop  # every rank at the same step: a run that died there
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        Trainer(params_from_dict(raw), run_dir, device=torch.device("cpu"), rank=rank,
+                world_size=world, on_report=stop).fit()
+    except Stop:
+        pass
+    finally:
+        dist.destroy_process_group()
+
+
+def train_ranks(params: Params, run_dir: Path, world: int = 2, stop_at: int = 0) -> None:
+    """The Trainer on ``world`` gloo processes on this machine, without Ray (what each Ray
+    worker runs, sharing ``run_dir``); with ``stop_at`` every rank stops at that step, as a run
+    that died there. Running it again resumes from ``run_dir/last.pt``."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_train_rank, args=(world, port, params.model_dump(mode="json"), str(run_dir), stop_at),
+             nprocs=world, join=True)
+
+
+def tracked_fit(params: Params, run_dir: Path, backend: str = "ray", **kw):
+    """fit() inside an MLflow run, as the DVC train stage does; returns (result, run id)."""
+    from egat.tracking.mlflow_tracker import MlflowTracker
+    from egat.train.launch import fit
+
+    tracker = MlflowTracker(f"test/{run_dir.name}", {"stage": "test"})
+    with tracker:
+        result = fit(params, run_dir, tracker, backend=backend, **kw)
+    return result, tracker.run_id
+
+
+def last_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def mlflow_metrics(run_id: str) -> dict[str, float]:
+    import mlflow
+
+    return mlflow.MlflowClient().get_run(run_id).data.metrics

@@ -252,3 +252,33 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(data_dir, tmp_path, settin
     assert a["state"]["step"] == b["state"]["step"] == 6
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert resumed.metrics["best_val_acc"] == whole.metrics["best_val_acc"]
+
+
+@pytest.mark.slow
+def test_free_at_on_two_ranks_resumes_each_ranks_perturbation(data_dir, tmp_path):
+    """Free AT's perturbation follows each rank's own gradients: a 2-rank run stopped after its
+    step-4 checkpoint and resumed ends exactly where the uninterrupted run ends (with rank 0's
+    perturbation restored on every rank it would not)."""
+    from tests.helpers import train_ranks
+
+    raw = {"data": {"dir": str(data_dir)}, "model": {"name": "small_resnet"},
+           "attack": {"name": "free", "replays": 2},
+           "train": {"method": "pgd_at", "steps": 8, "batch_size": 16, "eval_every": 2,
+                     "checkpoint_every": 4, "val_batches": 1, "progress": False,
+                     "num_threads": 1}}
+    params = params_from_dict(raw)
+    train_ranks(params, tmp_path / "whole")
+    train_ranks(params, tmp_path / "resumed", stop_at=6)
+    stopped = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert stopped["state"]["step"] == 4
+    deltas = [r["method"]["attack"]["delta"] for r in stopped["ranks"]]
+    assert len(deltas) == 2 and not torch.equal(deltas[0], deltas[1])  # one per rank
+    train_ranks(params, tmp_path / "resumed")
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert a["state"]["step"] == b["state"]["step"] == 8
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-5, atol=1e-6,
+                                   msg=name)
+    for ra, rb in zip(a["ranks"], b["ranks"]):
+        torch.testing.assert_close(ra["method"]["attack"]["delta"], rb["method"]["attack"]["delta"])

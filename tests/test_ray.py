@@ -26,7 +26,8 @@ from egat.config import Params, params_from_dict
 from egat.errors import EgatError
 from egat.train import distributed
 from egat.train.launch import choose_backend, fit
-from tests.helpers import RAY_ENV, prepared, ray_test_env
+from tests.helpers import (RAY_ENV, last_model, mlflow_metrics, prepared, ray_test_env,
+                           tracked_fit)
 
 STEPS = 8
 
@@ -123,6 +124,42 @@ def test_unreachable_ray_address_fails_within_seconds(env, tmp_path):
     assert elapsed < 60, elapsed  # python + imports; the check itself times out after 5 s
 
 
+def test_a_ray_address_that_is_not_a_ray_cluster_fails_within_seconds(tmp_path, monkeypatch, capsys):
+    """A port that answers but is no Ray GCS (the dashboard's HTTP port, an MLflow server, a
+    silent listener) is refused in seconds; ray.init would retry it for minutes."""
+    import http.server
+    import threading
+
+    from egat.cli import main
+
+    http_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never answers
+    config = tmp_path / "params.yaml"
+    config.write_text(yaml.safe_dump({"train": {"steps": 1, "progress": False}}))
+    address = f"127.0.0.1:{http_server.server_port}"
+    try:
+        started = time.perf_counter()
+        with pytest.raises(EgatError, match="is not a Ray cluster .it sent nothing back"):
+            distributed.check_address(f"127.0.0.1:{silent.getsockname()[1]}", timeout=1)
+        with pytest.raises(EgatError, match="is not a Ray cluster .it answered b'"):
+            distributed.check_address(address)
+        assert time.perf_counter() - started < 5
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", "--config", str(config), "--run-dir", str(tmp_path / "run")])
+    finally:
+        http_server.shutdown()
+        http_server.server_close()
+        silent.close()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert line.startswith(f"error: RAY_ADDRESS={address} is not a Ray cluster (it answered b'")
+    assert "not gRPC): give the head node's GCS address" in line
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("address", ["not an address", "host-without-port", "ray://:10001"])
 def test_malformed_ray_address_is_refused(address):
     with pytest.raises(EgatError, match="RAY_ADDRESS"):
@@ -168,16 +205,6 @@ def ray_session(env):
     ray.shutdown()
 
 
-def tracked_fit(params: Params, run_dir: Path, backend: str, **kw):
-    """fit() inside an MLflow run, as the DVC train stage does; returns (result, run id)."""
-    from egat.tracking.mlflow_tracker import MlflowTracker
-
-    tracker = MlflowTracker(f"test/{run_dir.name}", {"stage": "test"})
-    with tracker:
-        result = fit(params, run_dir, tracker, backend=backend, **kw)
-    return result, tracker.run_id
-
-
 @pytest.fixture(scope="module")
 def local_run(tiny, env):
     return tracked_fit(tiny, env / "local1", "local")
@@ -199,16 +226,6 @@ def ray2_killed_run(tiny, env, ray_session):
     fault = {"step": 6, "rank": 1, "marker": str(marker)}  # checkpoints at 4 and 8
     result, run_id = tracked_fit(with_train(tiny, workers=2), env / "ray2k", "ray", fault=fault)
     return result, run_id, marker
-
-
-def last_model(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
-
-
-def mlflow_metrics(run_id: str) -> dict[str, float]:
-    import mlflow
-
-    return mlflow.MlflowClient().get_run(run_id).data.metrics
 
 
 @pytest.mark.slow
@@ -279,6 +296,50 @@ def test_running_a_finished_run_again_resumes_from_its_checkpoint(ray1_run, tiny
         k: first.metrics[k] for k in ("best_val_acc", "best_step", "steps")
     }
     assert again.metrics["train_time_s"] <= first.metrics["train_time_s"] + 1e-6
+
+
+@pytest.mark.slow
+def test_out_of_memory_in_a_ray_worker_is_the_in_process_error_line(tiny, env, ray_session):
+    """torch's OOM inside a worker (injected: there is no GPU here) ends the run with the one
+    line the same run gives in process, naming train.batch_size, not Ray's wrapped traceback."""
+    from egat.train.trainer import Trainer
+
+    def oom(step: int, metrics: dict, checkpointed: bool) -> None:
+        if step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB (injected)")
+
+    with pytest.raises(EgatError) as local:
+        Trainer(tiny, env / "oom-local", on_report=oom).fit()
+    fault = {"step": 2, "rank": 1, "marker": str(env / "oom.marker"), "action": "oom"}
+    with pytest.raises(EgatError) as remote:
+        fit(with_train(tiny, workers=2, max_failures=0), env / "oom-ray", backend="ray", fault=fault)
+    assert str(remote.value) == str(local.value)
+    assert "lower train.batch_size (now 16)" in str(remote.value)
+    assert "\n" not in str(remote.value) and "oom rank 1 at step 2" not in str(remote.value)
+
+
+@pytest.mark.slow
+def test_a_bad_param_inside_a_ray_worker_is_the_in_process_error_line(tiny, env, tmp_path):
+    """The same one `error:` line, last, and exit status 2 from `egat train` in process and on
+    Ray (whose workers' and controller's own logs, above it, still show their tracebacks)."""
+    config = tmp_path / "params.yaml"
+    config.write_text(yaml.safe_dump(tiny.model_dump(mode="json")))
+    lines, stderrs = {}, {}
+    for backend, extra in (("local", []), ("ray", ["--set", "train.workers=2",
+                                                   "--set", "train.max_failures=0"])):
+        proc = subprocess.run(
+            [sys.executable, "-m", "egat.cli", "train", "--config", str(config),
+             "--set", "train.batch_size=100000", "--set", f"train.backend={backend}", *extra,
+             "--run-dir", str(tmp_path / backend)],
+            capture_output=True, text=True, timeout=600, env={**os.environ, **RAY_ENV},
+        )
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        lines[backend] = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+        stderrs[backend] = proc.stderr
+    assert len(lines["local"]) == 1 and "train.batch_size=100000" in lines["local"][0]
+    assert lines["ray"] == lines["local"]
+    assert "Traceback" not in stderrs["local"]
+    assert "WorkerGroupError" not in lines["ray"][0]
 
 
 def _shard_worker(rank: int, world: int, port: int, out: str) -> None:

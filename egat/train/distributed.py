@@ -32,6 +32,7 @@ import socket
 import tempfile
 import time
 import urllib.parse
+import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -49,6 +50,7 @@ RUN_FILES = (LAST, BEST, METRICS, TIMING)
 # The metrics reported with a checkpoint: a run resumed after its last validation (a Tune trial
 # killed at its end) reports them again, Tune's objective included.
 REPORT = "report.json"
+RESTORED = "ray/restored_step"  # MLflow metric: the step each start of the worker group resumed at
 CONNECT_TIMEOUT_S = 5.0
 # Names of the metrics workers report (to Ray Train, and to Tune through TuneReportCallback).
 REPORT_NAMES = {
@@ -71,13 +73,43 @@ def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     if not host or not port:
         raise EgatError(f"RAY_ADDRESS={address!r}: expected host:port, ray://host:port or 'auto'")
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            reply = _http2_reply(sock)
     except OSError as exc:
         raise EgatError(
             f"RAY_ADDRESS={address} is unreachable ({exc}); start the cluster (`ray start --head`) "
             "or unset RAY_ADDRESS to train on a private local Ray cluster"
         ) from None
+    if len(reply) < 9 or reply[3] != H2_SETTINGS:
+        seen = f"it answered {reply[:40]!r}" if reply else "it sent nothing back"
+        raise EgatError(
+            f"RAY_ADDRESS={address} is not a Ray cluster ({seen}, not gRPC): give the head "
+            "node's GCS address that `ray start --head` prints (host:6379 by default) or "
+            "ray://host:10001, not the dashboard's port or another server's"
+        )
+
+
+# Ray's GCS (host:port) and its client server (ray://) speak gRPC, i.e. HTTP/2: they answer the
+# client's connection preface with a SETTINGS frame (RFC 9113, section 3.4). Anything else
+# listening there (the dashboard on 8265, an MLflow server) would keep ray.init retrying for
+# minutes.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+H2_SETTINGS = 0x04
+
+
+def _http2_reply(sock: socket.socket) -> bytes:
+    """The first 9 bytes (a frame header) a server sends back to the HTTP/2 preface."""
+    sock.sendall(H2_PREFACE)
+    reply = b""
+    try:
+        while len(reply) < 9:
+            chunk = sock.recv(9 - len(reply))
+            if not chunk:
+                break
+            reply += chunk
+    except OSError:  # a timeout or a reset: no HTTP/2 server
+        pass
+    return reply
 
 
 def local_capacity(per_worker: Mapping[str, float]) -> int:
@@ -193,13 +225,71 @@ def cluster_capacity(per_worker: Mapping[str, float]) -> int:
     return fits
 
 
-def check_resources(
-    workers: int, per_worker: Mapping[str, float], what: str = "train.workers"
-) -> None:
-    """A clear error, before anything starts, when the cluster cannot hold ``workers`` workers
-    (before Ray starts, for the private local cluster it would start)."""
+def label_selectors(params: Params) -> list[dict[str, str]] | None:
+    """``train.label_selector`` as one selector per rank (None: any node for every worker)."""
+    sel = params.train.label_selector
+    if not sel:
+        return None
+    return [dict(s) for s in sel] if isinstance(sel, list) else [dict(sel)] * params.train.workers
+
+
+def unplaceable(
+    selectors: Sequence[Mapping[str, str]], per_worker: Mapping[str, float]
+) -> int | None:
+    """The rank of a worker the cluster's alive nodes cannot hold (a node whose labels match
+    its selector and has ``per_worker`` resources left), or None when all fit. Greedy, most
+    constrained rank first: exact for the few distinct selectors a run has."""
     import ray
 
+    slots = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            have = node.get("Resources", {})
+            slots[node["NodeID"]] = (node.get("Labels", {}), min(
+                (math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in per_worker.items() if v > 0),
+                default=0,
+            ))
+    left = {n: count for n, (_, count) in slots.items()}
+
+    def matching(sel: Mapping[str, str]) -> list[str]:
+        return [n for n, (labels, _) in slots.items()
+                if all(labels.get(k) == v for k, v in sel.items())]
+
+    for rank in sorted(range(len(selectors)), key=lambda r: len(matching(selectors[r]))):
+        free = [n for n in matching(selectors[rank]) if left[n] > 0]
+        if not free:
+            return rank
+        left[max(free, key=left.get)] -= 1
+    return None
+
+
+def check_resources(
+    workers: int, per_worker: Mapping[str, float], what: str = "train.workers",
+    selectors: Sequence[Mapping[str, str]] | None = None,
+) -> None:
+    """A clear error, before anything starts, when the cluster cannot hold ``workers`` workers
+    (before Ray starts, for the private local cluster it would start), or cannot put each rank
+    on a node with its ``selectors``' labels."""
+    import ray
+
+    if selectors:
+        if not ray.is_initialized():
+            raise EgatError(
+                f"train.label_selector={list(selectors)} places workers by node labels, and the "
+                "private local Ray cluster's node has none: join a cluster whose nodes carry "
+                "them (RAY_ADDRESS, `ray start --labels`) or set train.label_selector={}"
+            )
+        rank = unplaceable(selectors, per_worker)
+        if rank is not None:
+            nodes = [n.get("Labels", {}) for n in ray.nodes() if n.get("Alive")]
+            nodes = [{k: v for k, v in labels.items() if not k.startswith("ray.io/")}
+                     for labels in nodes]
+            raise EgatError(
+                f"{what}={workers} workers x {dict(per_worker)} cannot be placed by "
+                f"train.label_selector: rank {rank} needs a node labelled {selectors[rank]} "
+                f"with those resources free of the other ranks; the alive nodes carry {nodes}. "
+                "Add such a node or change train.label_selector"
+            )
     capacity = cluster_capacity(per_worker)
     if workers > capacity:
         if ray.is_initialized():
@@ -212,6 +302,99 @@ def check_resources(
             f"holds {capacity} such worker(s) (it has {have}); lower {what}, "
             "train.resources_per_worker or train.use_gpu, or add nodes"
         )
+
+
+def _probe_node(storage: str, probe_dir: str, token: str) -> str:
+    """On one node: "" when it reads the token the driver wrote under ``probe_dir`` and writes a
+    file of its own there, else what went wrong."""
+    import pyarrow.fs
+    import ray
+
+    fs, _ = pyarrow.fs.FileSystem.from_uri(storage)
+    try:
+        with fs.open_input_stream(f"{probe_dir}/driver") as f:
+            seen = f.read().decode()
+    except OSError as exc:  # pyarrow's FileNotFoundError is an OSError too
+        return f"cannot read what the driver wrote there ({exc}): the folder is not shared"
+    if seen != token:
+        return "sees another file there than the driver wrote: the folder is not shared"
+    try:
+        with fs.open_output_stream(f"{probe_dir}/{ray.get_runtime_context().get_node_id()}") as f:
+            f.write(token.encode())
+    except OSError as exc:
+        return f"cannot write there ({exc})"
+    return ""
+
+
+_STORAGE_CHECKED: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def check_storage(storage: str, timeout: float = 120.0) -> None:
+    """Fail unless every alive node of the cluster reads what this machine (the driver) writes
+    to ``storage`` and can write there itself: Ray Train's workers upload checkpoints from, and
+    restore them onto, whatever node they run on (a local folder of the head is not enough).
+    One zero-CPU task per node; each (storage, set of nodes) is checked once per process."""
+    import pyarrow.fs
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
+    key = (storage, tuple(sorted(nodes)))
+    if key in _STORAGE_CHECKED:
+        return
+    hint = ("Ray Train's workers write and restore checkpoints there from their own node: use "
+            "a disk mounted at the same path on every node (NFS) or s3://..., gs://...")
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    probe = f"{root.rstrip('/')}/.egat-probe-{uuid.uuid4().hex}"
+    token = uuid.uuid4().hex
+    try:
+        fs.create_dir(probe)
+        with fs.open_output_stream(f"{probe}/driver") as f:
+            f.write(token.encode())
+    except OSError as exc:
+        raise EgatError(f"train.storage_path={storage}: this machine cannot write there "
+                        f"({exc}); {hint}") from None
+    try:
+        task = ray.remote(num_cpus=0, max_retries=0)(_probe_node)
+        refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+                .remote(storage, probe, token) for n in nodes]
+        try:
+            answers = ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise EgatError(
+                f"train.storage_path={storage}: not every node of the Ray cluster answered a "
+                f"storage check within {timeout:.0f} s (are they overloaded?)"
+            ) from None
+        for (node_id, node), why in zip(nodes.items(), answers):
+            if why:
+                raise EgatError(
+                    f"train.storage_path={storage}: node {node_id[:12]} "
+                    f"({node.get('NodeManagerAddress')}) of the Ray cluster {why}; {hint}"
+                )
+    finally:
+        try:
+            fs.delete_dir(probe)
+        except OSError:
+            pass
+    _STORAGE_CHECKED.add(key)
+
+
+def check_cluster(params: Params, storage: bool = True) -> None:
+    """Everything a Ray run needs from the cluster, checked within seconds and before anything
+    is started or logged: RAY_ADDRESS answers as a Ray cluster, the workers fit its nodes (and
+    their labels), and on a joined cluster every node can use ``train.storage_path``."""
+    t = params.train
+    selectors = label_selectors(params)
+    joined = bool(os.environ.get("RAY_ADDRESS", "").strip())
+    if not joined:
+        # The private local cluster: refuse what it cannot hold before spending seconds on it.
+        local = worker_resources(resolve_use_gpu(params), t.resources_per_worker)
+        check_resources(t.workers, local, selectors=selectors)
+    connect()
+    per_worker = worker_resources(resolve_use_gpu(params), t.resources_per_worker)
+    check_resources(t.workers, per_worker, selectors=selectors)
+    if joined and storage:
+        check_storage(storage_path(params))
 
 
 def storage_path(params: Params) -> str:
@@ -259,6 +442,21 @@ class RunTracker(Tracker):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_attempt(self, placement: Sequence[Mapping[str, Any]], restored_step: int) -> None:
+        """One start of the worker group: ``ray/restored_step`` (0 = a fresh start; a restart
+        after a lost worker or node shows as a second point), the tags ``ray.attempts`` and
+        ``ray.placement`` (rank@node of the latest attempt) and ``ray/attempt_<n>.json`` with
+        every rank's node, so a restart and where each attempt ran stay in the run."""
+        history = retry_locked(lambda: self.client.get_metric_history(self.run_id, RESTORED))
+        attempt = len(history) + 1
+        self.log_metrics({RESTORED: restored_step}, restored_step)
+        where = " ".join(f"rank{p['rank']}@{p['node_id'][:12]}" for p in placement)
+        for key, value in (("ray.attempts", str(attempt)), ("ray.placement", where)):
+            retry_locked(lambda: self.client.set_tag(self.run_id, key, value))
+        record = {"attempt": attempt, "restored_step": restored_step, "ranks": list(placement)}
+        retry_locked(lambda: self.client.log_text(
+            self.run_id, json.dumps(record, indent=1), f"ray/attempt_{attempt}.json"))
+
 
 def worker_tracker(tracker: Tracker | None) -> Tracker | None:
     """The tracker rank 0 logs through: a RunTracker for an MLflow run, else none."""
@@ -284,14 +482,25 @@ def report_metrics(step: int, metrics: Mapping[str, float], objective: str | Non
 
 
 def _inject_fault(fault: Mapping[str, Any] | None, step: int, rank: int) -> None:
-    """Testing aid: the worker of rank ``fault['rank']`` SIGKILLs itself at ``fault['step']``,
-    once (a marker file records that it did)."""
+    """Testing aid: at ``fault['step']`` the worker of rank ``fault['rank']``, once (a marker file
+    records what it did, and on which Ray node), does ``fault['action']``: ``kill`` (default)
+    SIGKILLs itself; ``hang`` blocks until the test takes its node away; ``oom`` raises torch's
+    out-of-memory error, as a GPU does for a too large batch."""
     if not fault or step != fault["step"] or rank != fault.get("rank", 0):
         return
     marker = Path(fault["marker"])
     if marker.exists():
         return
-    marker.write_text(f"killed pid {os.getpid()} rank {rank} at step {step}\n")
+    import ray
+    import torch
+
+    action = fault.get("action", "kill")
+    node = ray.get_runtime_context().get_node_id()
+    marker.write_text(f"{action} pid {os.getpid()} rank {rank} at step {step} node {node}\n")
+    if action == "oom":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB (injected)")
+    while action == "hang":
+        time.sleep(1.0)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -324,7 +533,8 @@ def train_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from egat.train.trainer import Trainer
+    from egat import io
+    from egat.train.trainer import Trainer, gather_objects
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -348,13 +558,23 @@ def train_worker(config: dict) -> None:
                         shutil.copy2(Path(ckpt_dir) / name, work / name)
                 if (Path(ckpt_dir) / REPORT).is_file():
                     last.update(json.loads((Path(ckpt_dir) / REPORT).read_text()))
+        # Where every rank runs, from Ray itself (node ranks group workers by IP, so on one
+        # machine they are all 0: the node id tells nodes apart).
+        placement = gather_objects({
+            "rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+            "node_rank": ctx.get_node_rank(), "host": socket.gethostname(), "pid": os.getpid(),
+        }, world)
         tracker = (config.get("tracker") if rank == 0 else None) or NullTracker()
+        if isinstance(tracker, RunTracker):
+            restored = io.torch_load(work / LAST)["state"]["step"] if (work / LAST).is_file() else 0
+            tracker.log_attempt(placement, int(restored))
         objective = config.get("objective")
         fault = config.get("fault")
 
         def on_report(step: int, metrics: dict, checkpointed: bool) -> None:
             _inject_fault(fault, step, rank)
-            flat = report_metrics(step, metrics, objective)
+            # The node rank 0 trains on reaches Tune with the metrics (its trials' MLflow runs).
+            flat = {**report_metrics(step, metrics, objective), "node_id": placement[0]["node_id"]}
             last.update(flat)
             _report(flat, work if checkpointed and rank == 0 else None, (LAST, BEST))
 
@@ -369,10 +589,24 @@ def train_worker(config: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------- driver
+def worker_user_error(exc: BaseException) -> EgatError | None:
+    """The EgatError a worker raised (a bad param or file, running out of GPU memory), unwrapped
+    from Ray Train's error, or None when the run failed for another reason.
+
+    A WorkerGroupError maps each failed rank to Ray's wrapper of the worker's exception, which
+    keeps the original as ``_base_exc`` (Ray Train's own poller unwraps it the same way).
+    """
+    for failure in getattr(exc, "worker_failures", {}).values():
+        original = getattr(failure, "_base_exc", failure)
+        if isinstance(original, EgatError):
+            return original
+    return None
+
+
 def fit_ray(
     params: Params, run_dir: str | Path | None, tracker: Tracker | None = None, *,
     name: str | None = None, callbacks: Sequence[Any] = (), objective: str | None = None,
-    cwd: str | None = None, fault: Mapping[str, Any] | None = None,
+    cwd: str | None = None, fault: Mapping[str, Any] | None = None, storage_checked: bool = False,
 ) -> TrainResult:
     """Train through a Ray Train ``TorchTrainer`` with ``train.workers`` workers.
 
@@ -386,6 +620,8 @@ def fit_ray(
         objective: a "+"-joined sum of reported metrics reported as ``objective`` (Tune).
         cwd: the folder relative paths of ``params`` resolve from (default: this process's).
         fault: testing aid, see :func:`_inject_fault`.
+        storage_checked: every node's access to the storage was checked already (Tune trials:
+            the search checks it once).
     """
     import ray
     import ray.train
@@ -394,23 +630,12 @@ def fit_ray(
     if run_dir is None and name is None:
         raise ValueError("fit_ray needs a run_dir or a name")
     t = params.train
-    if not os.environ.get("RAY_ADDRESS", "").strip():
-        # The private local cluster: refuse what it cannot hold before spending seconds on it.
-        local = worker_resources(resolve_use_gpu(params), t.resources_per_worker)
-        check_resources(t.workers, local)
-    connect()
+    check_cluster(params, storage=not storage_checked)
     reap_orphan_placement_groups()  # left by runs killed earlier in this Ray session
     use_gpu = resolve_use_gpu(params)
     per_worker = worker_resources(use_gpu, t.resources_per_worker)
-    check_resources(t.workers, per_worker)
     name = name or run_name(run_dir)
     storage = storage_path(params)
-    if "://" not in storage and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
-        log.warning(
-            "train.storage_path=%s is a local folder but the Ray cluster has several nodes: "
-            "workers on other nodes cannot read or write its checkpoints; use a shared disk "
-            "mounted at the same path on every node, or s3://...", storage,
-        )
     raw = params.model_dump(mode="json")
     raw["train"]["progress"] = False  # workers report through Ray, not a progress bar
     # Workers resume from Ray's own storage (a restart after a dead worker must continue), so
@@ -425,6 +650,7 @@ def fit_ray(
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=per_worker,
+            label_selector=label_selectors(params),
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -438,6 +664,9 @@ def fit_ray(
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
+        user_error = worker_user_error(exc)
+        if user_error is not None:
+            raise user_error from None  # the one line the run would give in process
         raise EgatError(f"Ray Train run {name!r} failed: {exc}") from exc
     wall = time.perf_counter() - started
     if result.checkpoint is None:

@@ -20,13 +20,33 @@ from egat.tracking import Tracker
 from egat.train.trainer import Trainer, TrainResult
 
 
-def choose_backend(params: Params) -> Literal["local", "ray"]:
-    backend = params.train.backend
+def choose_backend(
+    params: Params, backend: Literal["auto", "local", "ray"] | None = None
+) -> Literal["local", "ray"]:
+    """``backend`` (else ``train.backend``) with ``auto`` resolved."""
+    backend = backend or params.train.backend
     if backend != "auto":
         return backend
     if params.train.workers > 1 or os.environ.get("RAY_ADDRESS", "").strip():
         return "ray"
     return "local"
+
+
+def preflight(params: Params, backend: Literal["auto", "local", "ray"] | None = None) -> None:
+    """Refuse what the chosen backend cannot run (several local workers; a Ray cluster that
+    cannot place the workers or reach ``train.storage_path``) before any MLflow run or folder
+    exists."""
+    if choose_backend(params, backend) == "ray":
+        from egat.train.distributed import check_cluster
+
+        check_cluster(params)
+    elif params.train.workers > 1:
+        from egat.errors import EgatError
+
+        raise EgatError(
+            f"train.backend=local runs one worker, but train.workers={params.train.workers}; "
+            "use train.backend=ray (or auto)"
+        )
 
 
 def fit(
@@ -39,18 +59,8 @@ def fit(
     ``ray_options`` go to :func:`egat.train.distributed.fit_ray` (``name``, ``callbacks``,
     ``objective``); ``backend`` overrides ``train.backend``.
     """
-    if backend and backend != "auto":
-        chosen = backend
-    else:
-        chosen = choose_backend(params)
-    if chosen == "local":
-        if params.train.workers > 1:
-            from egat.errors import EgatError
-
-            raise EgatError(
-                f"train.backend=local runs one worker, but train.workers={params.train.workers}; "
-                "use train.backend=ray (or auto)"
-            )
+    if choose_backend(params, backend) == "local":
+        preflight(params, "local")
         if run_dir is None:
             raise ValueError("the local backend needs a run_dir")
         return Trainer(params, run_dir, tracker=tracker).fit()

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 LAST, BEST, METRICS, TIMING = "last.pt", "best.pt", "train_metrics.json", "train_timing.json"
 # Keys that choose where and how a run executes, not what it computes: a run resumes across them.
 RUNTIME_KEYS = ("progress", "out_dir", "num_threads", "backend", "max_failures", "storage_path",
-                "resources_per_worker", "resume")
+                "resources_per_worker", "resume", "label_selector")
 MODEL_CHECKPOINT = f"a model checkpoint written by egat train (a run's {BEST})"
 # on_report(step, metrics, checkpointed): called on every rank after a validation or a checkpoint.
 ReportHook = Callable[[int, dict[str, float], bool], None]
@@ -274,12 +274,13 @@ class Trainer:
                 optimizer.load_state_dict(ckpt["optimizer"])
                 if scheduler is not None:
                     scheduler.load_state_dict(ckpt["scheduler"])
-                torch.set_rng_state(ckpt["rng"])
-                if ckpt.get("cuda_rng") and len(ckpt["cuda_rng"]) == torch.cuda.device_count():
-                    torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+                mine = _rank_state(ckpt, self.rank)
+                torch.set_rng_state(mine["rng"])
+                if mine.get("cuda_rng") and len(mine["cuda_rng"]) == torch.cuda.device_count():
+                    torch.cuda.set_rng_state_all(mine["cuda_rng"])
                 state.update(ckpt["state"])
                 method.step = state["step"]  # step-scheduled losses (IRM's annealing) continue
-                method.load_state_dict(ckpt["method"])
+                method.load_state_dict(mine["method"])
                 precision.load_state_dict(ckpt["precision"])
                 log.warning("resuming %s from step %d", self.run_dir, state["step"])
             else:
@@ -359,15 +360,18 @@ class Trainer:
                 model.train()
             if checkpointed:
                 state["elapsed_s"] = time.perf_counter() - started
+                # Every rank's own RNG and method state (free AT's perturbation differs by rank).
+                ranks = gather_objects({
+                    "method": _to_cpu(method.state_dict()), "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all()
+                    if self.device.type == "cuda" else None,
+                }, self.world_size)
                 if self.rank == 0:
                     io.torch_save(
                         {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                         "method": method.state_dict(), "precision": precision.state_dict(),
-                         "rng": torch.get_rng_state(), "state": dict(state),
-                         "cuda_rng": torch.cuda.get_rng_state_all()
-                         if self.device.type == "cuda" else None,
-                         "fingerprint": fingerprint},
+                         "ranks": ranks, "precision": precision.state_dict(),
+                         "state": dict(state), "fingerprint": fingerprint},
                         last,
                     )
             if self.on_report is not None and (evaluated or checkpointed):
@@ -434,6 +438,35 @@ class Trainer:
             logged = {f"final/{k}": float(v) for k, v in {**metrics, **timing}.items()}
             self.tracker.log_metrics(logged, steps)
         return TrainResult(self.run_dir, self.run_dir / BEST, {**metrics, **timing})
+
+
+def gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` for one worker)."""
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _to_cpu(state: Any) -> Any:
+    """A state dict with its tensors on the CPU (picklable across nodes, loadable on any)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    return state
+
+
+def _rank_state(ckpt: dict, rank: int) -> dict:
+    """Rank ``rank``'s RNG and method state in ``last.pt``. A checkpoint written before the
+    per-rank states holds rank 0's only, at the top level: every rank resumes from that."""
+    ranks = ckpt.get("ranks") or [
+        {"method": ckpt["method"], "rng": ckpt["rng"], "cuda_rng": ckpt.get("cuda_rng")}
+    ]
+    return ranks[rank] if rank < len(ranks) else ranks[0]
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor], world_size: int) -> None:
