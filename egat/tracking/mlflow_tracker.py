@@ -1,7 +1,7 @@
 """MLflow tracking: one named, tagged run per train/evaluate job, logged from rank 0 only.
 
 Default store: ``sqlite:///mlflow.db`` at the project root with artifacts under ``mlartifacts/``
-(the file store is deprecated); MLFLOW_TRACKING_URI overrides it (e.g. an ``mlflow server``).
+(the file store is deprecated); MLFLOW_TRACKING_URI overrides it (e.g. an MLflow tracking server).
 The project root is DVC's: experiments run in a temporary copy (``dvc exp run --temp``, queued
 ones) log to the store of the workspace they came from, tagged with their experiment's name.
 """
