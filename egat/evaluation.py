@@ -31,6 +31,7 @@ from egat.metrics import (
     spearman_rows,
     top_intersection,
 )
+from egat.metrics.faithfulness import baseline_fill
 from egat.models import Classifier
 from egat.resources import suggest_batch_size_on_oom
 from egat.seeding import seeded_scope
@@ -95,7 +96,8 @@ def evaluate_domain(model: Classifier, params: Params, loader, device, cue_free_
             add("cacc", pred == y)
             if "mask" in batch:
                 with torch.no_grad():  # the object replaced by the erasure baseline
-                    erased = torch.where(batch["mask"].bool(), _fill(x, ev.faithfulness.baseline), x)
+                    fill = baseline_fill(x, ev.faithfulness.baseline)
+                    erased = torch.where(batch["mask"].bool(), fill, x)
                     add("object_erased_cacc", model(erased).argmax(1) == y)
             cue = batch.get("cue")
             if cue is not None and bool((cue >= 0).all()):
@@ -157,12 +159,6 @@ def _costly_metrics(model, explainer, attack, ev, add, x, y, probs, mask) -> Non
 # Metrics kept as fractions in [0, 1] are the rank/overlap scores; these are percentages.
 PERCENT_METRICS = ("cacc", "aacc", "comp", "suff", "object_erased_cacc", "cacc_cue_match",
                    "cacc_cue_mismatch", "cue_follow", "cue_free_cacc")
-
-
-def _fill(x: torch.Tensor, baseline: str) -> torch.Tensor:
-    from egat.metrics.faithfulness import baseline_fill
-
-    return baseline_fill(x, baseline)
 
 
 @_seeded

@@ -90,10 +90,14 @@ def run_params(params: Params, method: str, domain: str, seed: int) -> Params:
 
 def check_domain(params: Params, domain: str) -> None:
     """A cell's training domain (the DVC matrix takes it from ``study.train_domains``) must be
-    one of the prepared data's: checked before any MLflow run, folder or file is created."""
+    one of the prepared data's, and ``train.select``/``train.images`` must ask only for what the
+    data has: checked before any MLflow run, folder or file is created."""
     from egat.data import read_splits
+    from egat.train.trainer import check_selection
 
-    domains = read_splits(params.data.splits_file)["domains"]
+    splits = read_splits(params.data.splits_file)
+    check_selection(params, splits)
+    domains = splits["domains"]
     if domain not in domains:
         raise ParamsError(
             f"study.train_domains: {domain!r} is not a domain of the {params.data.name} data "

@@ -45,6 +45,22 @@ def test_a_cell_with_an_unknown_domain_names_study_train_domains_and_leaves_no_r
     assert not (tmp_path / "runs").exists() and not (tmp_path / "evals").exists()
 
 
+@pytest.mark.parametrize("key, value, valid", [
+    ("select", "cue_free_val", "use val, last"), ("images", "cue_free", "use observed")])
+def test_a_cue_free_request_on_data_without_renders_names_the_key_and_leaves_no_run(
+        key, value, valid, folder_data, tmp_path, capsys, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = tmp_path / "params.yaml"
+    cfg.write_text(yaml.safe_dump({**folder_data, "train": {"progress": False, key: value}}))
+    code, err = egat_in_process(capsys, monkeypatch, tmp_path, "train-cell", "--config", str(cfg),
+                                "--method", "erm", "--domain", "d1", "--seed", "0")
+    assert code == 2
+    assert one_error_line(err) == (f"error: train.{key}={value} needs cue-free renders, which only "
+                                   f"the embedded benchmark has; {valid}")
+    assert all_runs(uri) == [] and not (tmp_path / "runs").exists()
+
+
 def test_prepare_with_a_missing_folder_root_names_the_key_and_writes_nothing(tmp_path, capsys, monkeypatch):
     cfg = tmp_path / "params.yaml"
     cfg.write_text(yaml.safe_dump({"data": {"name": "folder", "folder_root": str(tmp_path / "photos"),
