@@ -25,7 +25,7 @@ from egat import io
 from egat.errors import EgatError
 from egat.robust_report import add_aa_column, build_robust_report
 
-DIGITS = 2  # shown in the markdown tables; Table II ranks values at this precision (paper ties)
+DIGITS = 2  # shown in the markdown tables
 CSV_DIGITS = 4
 RUN_KEYS = ["method", "train_domain", "seed"]
 METRICS = ["cacc", "aacc", "comp", "suff", "spearman", "top_intersection", "pointing_game",
