@@ -73,9 +73,9 @@ def kill_after_two_trials(cmd, root: Path, env: dict) -> tuple[set[str], str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="not yet verified end to end: on a loaded machine the "
-                   "resumed search finished (old parent KILLED, new FINISHED, every trial FINISHED) "
-                   "but one of the checks below failed; issue 16 point 6 stays open until it passes")
+@pytest.mark.xfail(strict=False, reason="Ray start-up of the resumed driver exited 1 with no "
+                   "error once in six runs on a loaded machine (cause not found); every other run "
+                   "resumed correctly. Remove this mark once it has passed repeatedly in CI.")
 def test_a_killed_search_resumes_with_its_finished_trials(tmp_path):
     prepared(tune_params(tmp_path))
     config = tmp_path / "params.yaml"
@@ -110,10 +110,11 @@ def test_a_killed_search_resumes_with_its_finished_trials(tmp_path):
     assert all(t.info.status == "FINISHED" for t in trials)
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {new.info.run_id}
     # The trial that was running went on from its checkpoint: no step was reported twice (but
-    # the last, which the final report repeats); a restart from scratch reports 2, 4 again.
+    # the last, which a final report may repeat); a restart from scratch reports 2, 4 again.
     run_id = next(t.info.run_id for t in trials if t.data.tags["trial_id"] == resumed)
     steps = [m.step for m in client.get_metric_history(run_id, "objective")]
-    assert steps[:-1] == sorted(set(steps[:-1])) and steps[-2:] == [STEPS, STEPS], steps
+    once = steps[:-1] if steps[-2:] == [STEPS, STEPS] else steps
+    assert once == sorted(set(once)) and once[-1] == STEPS, steps
     assert (tmp_path / "best_params.yaml").is_file()
 
 
