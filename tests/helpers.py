@@ -152,3 +152,17 @@ def mlflow_metrics(run_id: str) -> dict[str, float]:
     import mlflow
 
     return mlflow.MlflowClient().get_run(run_id).data.metrics
+
+
+def wait_for_server(uri: str, seconds: float = 60.0) -> None:
+    """Poll ``<uri>/health`` (an mlflow server's) until it answers; fail the test after ``seconds``."""
+    import time
+    import urllib.request
+
+    for _ in range(int(seconds * 2)):
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"mlflow server did not start within {seconds:g} s")

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,9 @@ import torch
 
 from egat.config import Params, params_from_dict
 from egat.errors import EgatError
-from tests.helpers import last_model, prepared, ray_test_env, tracked_fit, train_ranks
+from tests.helpers import (
+    last_model, prepared, ray_test_env, tracked_fit, train_ranks, wait_for_server,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -84,14 +85,7 @@ def tracking(env):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start within 120 s")
+        wait_for_server(uri, 120)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_TRACKING_URI", uri)
             yield uri

@@ -8,15 +8,13 @@ import hashlib
 import runpy
 import subprocess
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from egat import stages
 from egat.config import params_from_dict
-from tests.helpers import prepared, ray_test_env, tiny_folder_data
+from tests.helpers import prepared, ray_test_env, tiny_folder_data, wait_for_server
 from tests.test_pipeline import BIN, TINY, env_for, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,14 +115,7 @@ def server(store, tmp_path):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start within 60 s")
+        wait_for_server(uri, 60)
         yield uri
     finally:
         proc.terminate()

@@ -19,7 +19,7 @@ import yaml
 from egat import stages
 from egat.config import load_params, params_from_dict
 from egat.errors import EgatError
-from tests.helpers import prepared
+from tests.helpers import prepared, wait_for_server
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -163,14 +163,7 @@ def test_training_logs_to_a_real_mlflow_server(tmp_path, monkeypatch, capfd):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start within 60 s")
+        wait_for_server(uri, 60)
         monkeypatch.chdir(tmp_path)
         # Credentials in the URI (the server ignores them) must not reach logs, params or files.
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.replace("//", "//egat:s3cr3t@"))
