@@ -11,7 +11,7 @@ export RAY_AUTH_MODE=disabled
 export MLFLOW_DISABLE_TELEMETRY=true
 export PYTHONUNBUFFERED=1
 
-.PHONY: setup run test test-fast bench
+.PHONY: setup run test test-slow test-all bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -32,11 +32,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 run: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 
+# The suite (minutes); the end-to-end tests marked `slow` (real training runs, `dvc repro`, the
+# simulated Ray cluster) on their own; CI (.ci/run) runs both.
 test: setup
-	$(VENV)/bin/pytest -q
-
-test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"
+
+test-slow: setup
+	$(VENV)/bin/pytest -q -m slow
+
+test-all: test test-slow
 
 bench: setup
 	$(PY) -m benchmarks

@@ -620,6 +620,12 @@ class Params(Strict):
         _check_name("robust.transfer_from", self.robust.transfer_from, method_registry.names())
         _check_name("robust.transfer_fallback", self.robust.transfer_fallback,
                     method_registry.names())
+        for key in ("transfer_from", "transfer_fallback"):  # the robustness stage's runs
+            if getattr(self.robust, key) not in self.study.methods:
+                raise ValueError(
+                    f"robust.{key}={getattr(self.robust, key)!r} is not in study.methods "
+                    f"({', '.join(self.study.methods)}), so its runs are never trained; set it "
+                    f"to one of them")
         self._check_studies(method_registry.names())
         return self
 

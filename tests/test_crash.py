@@ -24,7 +24,8 @@ STAGE = "train@egat-grass-0"
 RUN = Path("runs/egat/grass/seed0")
 STEPS = 20
 CRASH = {**TINY, "train": {**TINY["train"], "steps": STEPS, "eval_every": 5, "checkpoint_every": 5},
-         "study": {**TINY["study"], "methods": ["egat"]}}
+         "study": {**TINY["study"], "methods": ["egat"]},
+         "robust": {**TINY["robust"], "transfer_fallback": "egat"}}
 
 
 def md5(path: Path) -> str:

@@ -16,7 +16,8 @@ from tests.test_pipeline import TINY, init_project, run
 
 # Only the train stages (and prepare, guides before them), one tiny ERM run per experiment.
 TINY_ERM = {**TINY, "train": {**TINY["train"], "steps": 2, "eval_every": 2},
-            "study": {**TINY["study"], "methods": ["erm"]}}
+            "study": {**TINY["study"], "methods": ["erm"]},
+            "robust": {**TINY["robust"], "transfer_from": "erm", "transfer_fallback": "erm"}}
 
 
 def test_a_run_whose_process_still_runs_is_not_marked_killed(tmp_path, monkeypatch):

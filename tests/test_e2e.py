@@ -22,6 +22,7 @@ BUDGET = {
               "lr_schedule": "onecycle", "lr": 0.002, "select": "val"},
     "eval": {"max_examples": 256, "sweep": {"attacks": ["fgsm"], "eps": [0.01]}},
     "study": {"methods": ["erm", "egat"], "train_domains": ["grass"], "seeds": [0]},
+    "robust": {"transfer_fallback": "egat"},  # check (d)'s sources among the study's methods
 }
 
 

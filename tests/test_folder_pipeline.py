@@ -14,7 +14,8 @@ import pytest
 
 from tests.test_pipeline import ROOT, TINY, env_for, init_project, run
 
-FOLDER_TINY = {**TINY, "data": {}, "study": {"methods": ["erm"], "seeds": [0]}}
+FOLDER_TINY = {**TINY, "data": {}, "study": {"methods": ["erm"], "seeds": [0]},
+               "robust": {**TINY["robust"], "transfer_from": "erm", "transfer_fallback": "erm"}}
 
 
 def readme_folder_line(root, domain: str) -> list[str]:

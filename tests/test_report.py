@@ -319,7 +319,7 @@ def test_failed_figure_leaves_neither_file_nor_temp(runs_dir, tmp_path, monkeypa
 
 def test_pipeline_stage_entry_point(runs_dir, tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text("study:\n  methods: [egat, erm]\n")
+    params.write_text("study:\n  methods: [egat, erm]\nrobust:\n  transfer_fallback: egat\n")
     out = tmp_path / "reports"
     subprocess.run(
         [sys.executable, str(ROOT / "pipelines" / "report.py"), "--runs", str(runs_dir),

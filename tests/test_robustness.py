@@ -130,6 +130,16 @@ def test_bad_params_name_the_key(key, value, needle):
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+def test_transfer_sources_outside_the_study_are_refused_before_dvc_meets_them():
+    # Every robustness cell depends on both sources' runs: DVC would stop on a missing path.
+    with pytest.raises(ParamsError) as err:
+        params_from_dict({"study": {"methods": ["erm", "egat"]}})
+    assert str(err.value).endswith(
+        "robust.transfer_fallback='pgd_at' is not in study.methods (erm, egat), so its runs are "
+        "never trained; set it to one of them")
+    params_from_dict({"study": {"methods": ["erm", "egat"]}, "robust": {"transfer_fallback": "egat"}})
+
+
 # --- the stage on real (tiny) data and checkpoints ------------------------------------------------
 
 @pytest.fixture(scope="module")

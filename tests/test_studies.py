@@ -164,6 +164,7 @@ TINY = {
     "eval": {"max_examples": 8, "batch_size": 8, "attack": {"steps": 1},
              "sweep": {"attacks": ["fgsm"], "eps": [0.01], "max_examples": 8}},
     "study": {"methods": ["erm", "egat"], "train_domains": ["grass"], "seeds": [0]},
+    "robust": {"transfer_fallback": "egat"},  # check (d)'s sources among the study's methods
     "studies": {"train": ["wo_at", "smoothgrad", "noisy_0.1"], "sensitivity": ["egat", "smoothgrad",
                 "golden"], "ablation": ["erm", "wo_at", "egat"], "runtime": ["smoothgrad"],
                 "case_study": {"runs": ["erm", "egat", "wo_at"], "images": 2}},
@@ -235,7 +236,8 @@ def test_runtime_points_are_steps_per_epoch_times_step_time(evals, tmp_path, mon
 
     monkeypatch.chdir(tmp_path)
     params = params_from_dict({"data": {"dir": "data"}, "train": {"batch_size": 16},
-                               "study": {"methods": ["erm", "egat"]}})
+                               "study": {"methods": ["erm", "egat"]},
+                               "robust": {"transfer_fallback": "egat"}})
     write_splits(params.data.splits_file, {
         "seed": 0, "fractions": [0.6, 0.2, 0.2], "domains": DOMAINS, "classes": ["a"],
         "has_masks": False, "images_root": "images",
