@@ -15,7 +15,9 @@ import pytest
 from tests.test_pipeline import ROOT, TINY, env_for, init_project, run
 
 FOLDER_TINY = {**TINY, "data": {}, "study": {"methods": ["erm"], "seeds": [0]},
-               "robust": {**TINY["robust"], "transfer_from": "erm", "transfer_fallback": "erm"}}
+               # 3 classes: APGD-T's DLR loss needs 4 (the README's folder line says so)
+               "robust": {**TINY["robust"], "transfer_from": "erm", "transfer_fallback": "erm",
+                          "attack": {**TINY["robust"]["attack"], "ensemble": ["apgd", "square"]}}}
 
 
 def readme_folder_line(root, domain: str) -> list[str]:
@@ -44,7 +46,8 @@ def ran(out: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", out))
 
 
-ALL = {"prepare", "guides", "train@erm-d1-0", "evaluate@erm-d1-0", "report", "studies"}
+ALL = {"prepare", "guides", "train@erm-d1-0", "evaluate@erm-d1-0", "robustness@erm-d1-0", "report",
+       "studies"}
 
 
 @pytest.mark.slow
@@ -62,7 +65,8 @@ def test_the_readme_folder_line_runs_and_dvc_sees_every_change_of_the_tree(tmp_p
     client = mlflow.MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("egat").experiment_id])
     assert {r.data.tags["egat_key"]: r.info.status for r in runs} == {
-        "train/erm/d1/seed0": "FINISHED", "evaluate/erm/d1/seed0": "FINISHED", "studies": "FINISHED"}
+        "train/erm/d1/seed0": "FINISHED", "evaluate/erm/d1/seed0": "FINISHED",
+        "robustness/erm/d1/seed0": "FINISHED", "studies": "FINISHED"}
     assert stale(proj, env) == {}
 
     # An added, an edited (same path) and a removed image: prepare is stale (its dependency on
