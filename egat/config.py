@@ -285,6 +285,9 @@ class TrainParams(Strict):
     num_threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = leave torch's default
     backend: Literal["auto", "local", "ray"] = "auto"
     workers: int = Field(1, ge=1)
+    # Ray Train elastic training: the fewest workers a run may continue on (Ray's
+    # ScalingConfig(num_workers=(min_workers, workers))); null or 0 = a fixed size of workers.
+    min_workers: int | None = None
     use_gpu: Literal["auto", "true", "false"] = "auto"
     out_dir: str = "runs"
     progress: bool = True
@@ -313,8 +316,30 @@ class TrainParams(Strict):
             raise ValueError(f"resources must be >= 0, got {bad}")
         return v
 
+    @field_validator("min_workers")
+    @classmethod
+    def _min_workers(cls, v, info):
+        workers = info.data.get("workers")
+        if v and workers is not None and not 1 <= v <= workers:
+            raise ValueError(
+                f"{v} is out of range: give 1..{workers} (train.workers) for an elastic run, "
+                "or null/0 for a fixed size"
+            )
+        return v or None
+
+    @property
+    def elastic(self) -> bool:
+        """Whether Ray may run this on fewer than ``workers`` workers (``min_workers``)."""
+        return self.min_workers is not None and self.min_workers < self.workers
+
     @model_validator(mode="after")
     def _one_selector_per_worker(self):
+        if self.elastic and isinstance(self.label_selector, list):
+            raise ValueError(
+                f"min_workers={self.min_workers} (elastic, {self.min_workers}..{self.workers} "
+                "workers) cannot go with a label_selector list, one per rank: ranks change with "
+                "the world size; give one mapping for all workers, or min_workers: null"
+            )
         if isinstance(self.label_selector, list) and len(self.label_selector) != self.workers:
             raise ValueError(
                 f"label_selector lists {len(self.label_selector)} selector(s) for "

@@ -105,6 +105,8 @@ def trial_params(params: Params, sample: Mapping[str, float]) -> Params:
     t["checkpoint_every"] = t["eval_every"]  # every report carries a checkpoint
     if tp.workers:
         t["workers"] = tp.workers
+    # A trial has a fixed size: Tune's concurrency counts workers per trial.
+    t["min_workers"] = None
     if tp.resources_per_worker is not None:
         t["resources_per_worker"] = tp.resources_per_worker
     for key, value in sample.items():

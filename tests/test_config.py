@@ -26,6 +26,13 @@ def test_fraction_strings_are_parsed():
         ({"data": {"name": "imagenet"}}, "data.name"),
         ({"trian": {}}, "trian: unknown key"),
         ({"data": {"split": [0.5, 0.5, 0.5]}}, "sum to 1"),
+        ({"train": {"workers": 2, "min_workers": 3}},
+         "train.min_workers: 3 is out of range: give 1..2 (train.workers) for an elastic run, "
+         "or null/0 for a fixed size"),
+        ({"train": {"workers": 2, "min_workers": -1}}, "train.min_workers: -1 is out of range"),
+        ({"train": {"workers": 2, "min_workers": 1, "label_selector": [{"n": "a"}, {"n": "b"}]}},
+         "train: min_workers=1 (elastic, 1..2 workers) cannot go with a label_selector list, "
+         "one per rank"),
     ],
 )
 def test_bad_params_name_the_key(raw, needle):
@@ -56,3 +63,13 @@ def test_presets_and_explicit_values():
     assert p.method_config("egat_wo_at").lambda_adv == 0
     wo = p.method_config("egat_wo_egl")
     assert wo.lambda_egl == 0 and wo.mix_explanation is False
+
+
+def test_min_workers_makes_a_run_elastic_only_below_workers():
+    def train(**t):
+        return params_from_dict({"train": t}).train
+
+    assert [train(workers=2, min_workers=m).elastic for m in (None, 0, 1, 2)] == [
+        False, False, True, False]
+    assert train(workers=2, min_workers=0).min_workers is None
+    assert train(workers=3, min_workers=2, label_selector={"n": "spot"}).elastic

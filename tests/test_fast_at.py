@@ -282,3 +282,72 @@ def test_free_at_on_two_ranks_resumes_each_ranks_perturbation(data_dir, tmp_path
                                    msg=name)
     for ra, rb in zip(a["ranks"], b["ranks"]):
         torch.testing.assert_close(ra["method"]["attack"]["delta"], rb["method"]["attack"]["delta"])
+
+
+def test_free_at_perturbation_is_resplit_by_example_when_the_world_size_changes():
+    """Rank r of W trains on rows r::W of each global batch, so a checkpoint of W ranks' deltas
+    holds the perturbation of every example of the global batch: on W' ranks, rank r gets rows
+    r::W' of it, as a run of W' ranks would have it."""
+    whole = torch.randn(10, 3, 2, 2)  # 10 examples: uneven shards on 3 and 4 ranks
+    batch = next(iter(StepBatchSampler(40, 10, 0, 1)))
+    for world in (1, 2, 3, 4):
+        shards = [next(iter(StepBatchSampler(40, 10, 0, 1, rank=r, world_size=world)))
+                  for r in range(world)]
+        assert shards == [batch[r::world] for r in range(world)]
+    two = [{"delta": whole[r::2]} for r in range(2)]
+    (one,) = FreePerturbation.reshard(two, 1)
+    assert torch.equal(one["delta"], whole)
+    for r, state in enumerate(FreePerturbation.reshard([one], 3)):
+        assert torch.equal(state["delta"], whole[r::3])
+    for r, state in enumerate(FreePerturbation.reshard(FreePerturbation.reshard(two, 3), 4)):
+        assert torch.equal(state["delta"], whole[r::4])
+    # A rank that saved no perturbation, or shards that do not tile one batch: all start at zero.
+    assert FreePerturbation.reshard([two[0], {}], 1) == [{}]
+    assert FreePerturbation.reshard([two[0], {"delta": whole[:1]}], 1) == [{}]
+
+
+@pytest.mark.slow
+def test_a_run_resumed_on_fewer_or_more_ranks_resplits_its_state(data_dir, tmp_path, monkeypatch,
+                                                                   caplog):
+    """What Ray's elastic training (train.min_workers) does to a checkpoint: 2 ranks stop after
+    the step-4 checkpoint, 1 rank resumes from it (free AT's two deltas interleaved into one of
+    the global batch), stops after the step-8 one, and 2 ranks finish from there."""
+    from tests.helpers import train_ranks
+
+    raw = {"data": {"dir": str(data_dir)}, "model": {"name": "small_resnet"},
+           "attack": {"name": "free", "replays": 2},
+           "train": {"method": "pgd_at", "steps": 12, "batch_size": 16, "eval_every": 2,
+                     "checkpoint_every": 4, "val_batches": 1, "progress": False,
+                     "num_threads": 1}}
+    params = params_from_dict(raw)
+    run = tmp_path / "elastic"
+    train_ranks(params, run, stop_at=6)
+    two = torch.load(run / "last.pt", weights_only=True)
+    assert two["state"]["step"] == 4 and len(two["ranks"]) == 2
+    loaded = []
+    real = FreePerturbation.load_state_dict
+
+    def load(self, state):
+        loaded.append({k: v.clone() for k, v in state.items()})  # delta changes in place
+        real(self, state)
+
+    monkeypatch.setattr(FreePerturbation, "load_state_dict", load)
+
+    def stop_at_10(step, metrics, checkpointed):
+        if step == 10:
+            raise _Interrupt
+
+    with caplog.at_level(logging.WARNING, logger="egat.train.trainer"), \
+            pytest.raises(_Interrupt):
+        Trainer(params, run, on_report=stop_at_10).fit()
+    assert "resuming step 4 on 1 worker(s) from a checkpoint of 2" in caplog.text
+    (delta,) = [s["delta"] for s in loaded]
+    assert delta.shape[0] == 16
+    for r in range(2):
+        assert torch.equal(delta[r::2], two["ranks"][r]["method"]["attack"]["delta"])
+    one = torch.load(run / "last.pt", weights_only=True)
+    assert one["state"]["step"] == 8 and len(one["ranks"]) == 1
+    train_ranks(params, run)  # rank 1 has no RNG state of its own: seeded afresh
+    final = torch.load(run / "last.pt", weights_only=True)
+    assert final["state"]["step"] == 12 and len(final["ranks"]) == 2
+    assert not torch.equal(final["ranks"][0]["rng"], final["ranks"][1]["rng"])

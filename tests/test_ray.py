@@ -90,6 +90,10 @@ def test_more_workers_than_the_machine_has_fail_before_ray_starts(env, tmp_path)
     too_many = (os.cpu_count() or 1) + 1
     with pytest.raises(EgatError, match=f"train.workers={too_many} workers"):
         fit(with_train(params_from_dict({}), workers=too_many), tmp_path, backend="ray")
+    # Elastic: it starts on as few as min_workers, so those are what must fit.
+    with pytest.raises(EgatError, match=f"train.min_workers={too_many} workers"):
+        fit(with_train(params_from_dict({}), workers=too_many + 1, min_workers=too_many),
+            tmp_path, backend="ray")
     gpu = {"resources_per_worker": {"GPU": 1}, "use_gpu": "false"}
     if not torch.cuda.is_available():
         with pytest.raises(EgatError, match="do not fit"):

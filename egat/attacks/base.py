@@ -103,6 +103,15 @@ class Attack:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore :meth:`state_dict`'s output."""
 
+    @classmethod
+    def reshard(
+        cls, states: list[dict[str, torch.Tensor]], world_size: int
+    ) -> list[dict[str, torch.Tensor]]:
+        """The states of ``world_size`` ranks from ``states``, one per rank of a run that had
+        another number of ranks (Ray's elastic training resized it). Default: none (the state
+        restarts, as stateless attacks have none anyway)."""
+        return [{} for _ in range(world_size)]
+
     def input_gradient(self, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """d CE(model(x_adv), y) / d x_adv, (B, C, H, W).
 

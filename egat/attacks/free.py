@@ -64,6 +64,28 @@ class FreePerturbation(Attack):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.delta = state.get("delta")
 
+    @classmethod
+    def reshard(
+        cls, states: list[dict[str, torch.Tensor]], world_size: int
+    ) -> list[dict[str, torch.Tensor]]:
+        """The global batch's perturbation split among ``world_size`` ranks: rank r of W trains on
+        examples r, r + W, ... of each global batch (``StepBatchSampler``), so the old ranks'
+        deltas interleave back into one delta of the global batch and new rank r takes its rows
+        r::world_size. Every example keeps its perturbation, as a run of the new size would have
+        it. Ranks that saved none, or shards that do not tile one batch: delta restarts at zero."""
+        deltas = [state.get("delta") for state in states]
+        fresh = [{} for _ in range(world_size)]
+        if not deltas or any(d is None for d in deltas):
+            return fresh
+        old, total = len(deltas), sum(len(d) for d in deltas)
+        if (len({tuple(d.shape[1:]) for d in deltas}) != 1
+                or any(len(d) != len(range(r, total, old)) for r, d in enumerate(deltas))):
+            return fresh
+        whole = deltas[0].new_empty((total, *deltas[0].shape[1:]))
+        for r, d in enumerate(deltas):
+            whole[r::old] = d
+        return [{"delta": whole[r::world_size].clone()} for r in range(world_size)]
+
     def _ascend(self, grad: torch.Tensor) -> None:
         with torch.no_grad():
             self.delta.add_(grad.sign(), alpha=self.eps).clamp_(-self.eps, self.eps)

@@ -60,6 +60,14 @@ class Method:
         if self.attack is not None:
             self.attack.load_state_dict(state.get("attack", {}))
 
+    def reshard_states(self, states: list[dict], world_size: int) -> list[dict]:
+        """:meth:`state_dict` of each of ``world_size`` ranks from ``states``, those of a run with
+        another number of ranks (the training attack's :meth:`~egat.attacks.Attack.reshard`)."""
+        if self.attack is None:
+            return [{} for _ in range(world_size)]
+        attack = self.attack.reshard([s.get("attack", {}) for s in states], world_size)
+        return [{"attack": a} for a in attack]
+
     @property
     def batch_replays(self) -> int:
         """Consecutive training steps on each minibatch: the training attack's (free AT: m)."""

@@ -4,8 +4,9 @@ The driver (:func:`fit_ray`) joins the cluster named by RAY_ADDRESS or starts a 
 checks that the cluster can hold the run, and fits a ``TorchTrainer`` whose workers
 (:func:`train_worker`) each build the :class:`~egat.train.trainer.Trainer` with their rank:
 
-* batches: ``StepBatchSampler`` shards each global batch of ``train.batch_size`` by rank as a pure
-  function of (seed, step) (the distributed sampler: no ``set_epoch`` state to carry);
+* batches: ``train.batch_size`` is the global batch, whatever the number of workers:
+  ``StepBatchSampler`` shards it by rank as a pure function of (seed, step, rank, world size) (the
+  distributed sampler: no ``set_epoch`` state to carry);
 * gradients and BatchNorm statistics are averaged across ranks by the Trainer (gloo on CPU, NCCL
   on GPU). Not DDP/``prepare_model``: EGAT calls ``model.features``/``model.head`` and its attacks
   take input gradients outside DDP's forward, which DDP's reducer does not support;
@@ -14,6 +15,15 @@ checks that the cluster can hold the run, and fits a ``TorchTrainer`` whose work
   the same steps (validation and checkpoint steps), and Ray keeps rank 0's metrics;
 * a dead worker restarts the worker group from the latest checkpoint (``train.max_failures``),
   and running the same run again (same name and storage path) resumes from it;
+* elastic (``train.min_workers``, Ray's ``ScalingConfig(num_workers=(min, max))``): when a lost
+  node leaves fewer than ``train.workers`` placeable, the group restarts from that checkpoint on
+  as many workers as fit, down to ``min_workers`` (and grows back, from the latest checkpoint
+  again, when Ray's resize check, every ``elastic_resize_monitor_interval_s`` = 60 s, its
+  default, sees nodes return: a shrink does not wait for it; growing is untested). Kept on
+  a resize: the model, optimiser, scheduler, step and the global batch of each step (each worker's
+  shard is now ``batch_size / new world size``, so it needs more memory); re-split: free AT's
+  per-example perturbation; the RNG state of ranks that still exist (a new rank is seeded
+  afresh). Not exact: BatchNorm sees other shards, so the run differs from a fixed-size one;
 * rank 0 alone logs to MLflow and writes files; at the end the driver copies ``best.pt``,
   ``last.pt`` and the metrics files from the final checkpoint into the run folder.
 """
@@ -51,6 +61,7 @@ RUN_FILES = (LAST, BEST, METRICS, TIMING)
 # killed at its end) reports them again, Tune's objective included.
 REPORT = "report.json"
 RESTORED = "ray/restored_step"  # MLflow metric: the step each start of the worker group resumed at
+WORLD = "ray/world_size"  # MLflow metric: its number of workers (elastic runs shrink and grow)
 CONNECT_TIMEOUT_S = 5.0
 # Names of the metrics workers report (to Ray Train, and to Tune through TuneReportCallback).
 REPORT_NAMES = {
@@ -384,15 +395,21 @@ def check_cluster(params: Params, storage: bool = True) -> None:
     is started or logged: RAY_ADDRESS answers as a Ray cluster, the workers fit its nodes (and
     their labels), and on a joined cluster every node can use ``train.storage_path``."""
     t = params.train
+    # An elastic run starts on as many workers as fit, from min_workers up: those must fit.
+    need, what = (t.min_workers, "train.min_workers") if t.elastic else (t.workers, "train.workers")
     selectors = label_selectors(params)
+    selectors = selectors[:need] if selectors else None
     joined = bool(os.environ.get("RAY_ADDRESS", "").strip())
     if not joined:
         # The private local cluster: refuse what it cannot hold before spending seconds on it.
         local = worker_resources(resolve_use_gpu(params), t.resources_per_worker)
-        check_resources(t.workers, local, selectors=selectors)
+        check_resources(need, local, what, selectors=selectors)
     connect()
     per_worker = worker_resources(resolve_use_gpu(params), t.resources_per_worker)
-    check_resources(t.workers, per_worker, selectors=selectors)
+    check_resources(need, per_worker, what, selectors=selectors)
+    if t.elastic and cluster_capacity(per_worker) < t.workers:
+        log.warning("train.workers=%d do not fit the Ray cluster now: the elastic run starts on "
+                    "fewer (train.min_workers=%d)", t.workers, t.min_workers)
     if joined and storage:
         check_storage(storage_path(params))
 
@@ -444,16 +461,18 @@ class RunTracker(Tracker):
 
     def log_attempt(self, placement: Sequence[Mapping[str, Any]], restored_step: int) -> None:
         """One start of the worker group: ``ray/restored_step`` (0 = a fresh start; a restart
-        after a lost worker or node shows as a second point), the tags ``ray.attempts`` and
-        ``ray.placement`` (rank@node of the latest attempt) and ``ray/attempt_<n>.json`` with
-        every rank's node, so a restart and where each attempt ran stay in the run."""
+        after a lost worker or node shows as a second point) and ``ray/world_size`` at that step,
+        the tags ``ray.attempts`` and ``ray.placement`` (rank@node of the latest attempt) and
+        ``ray/attempt_<n>.json`` with its world size and every rank's node, so a restart, a
+        resize and where each attempt ran stay in the run."""
         history = retry_locked(lambda: self.client.get_metric_history(self.run_id, RESTORED))
         attempt = len(history) + 1
-        self.log_metrics({RESTORED: restored_step}, restored_step)
+        self.log_metrics({RESTORED: restored_step, WORLD: len(placement)}, restored_step)
         where = " ".join(f"rank{p['rank']}@{p['node_id'][:12]}" for p in placement)
         for key, value in (("ray.attempts", str(attempt)), ("ray.placement", where)):
             retry_locked(lambda: self.client.set_tag(self.run_id, key, value))
-        record = {"attempt": attempt, "restored_step": restored_step, "ranks": list(placement)}
+        record = {"attempt": attempt, "restored_step": restored_step,
+                  "world_size": len(placement), "ranks": list(placement)}
         retry_locked(lambda: self.client.log_text(
             self.run_id, json.dumps(record, indent=1), f"ray/attempt_{attempt}.json"))
 
@@ -482,17 +501,25 @@ def report_metrics(step: int, metrics: Mapping[str, float], objective: str | Non
 
 
 def _inject_fault(fault: Mapping[str, Any] | None, step: int, rank: int) -> None:
-    """Testing aid: at ``fault['step']`` the worker of rank ``fault['rank']``, once (a marker file
+    """Testing aid: at ``fault['step']`` the worker of rank ``fault['rank']`` (or, with
+    ``fault['node_labels']``, the worker on a node with those labels), once (a marker file
     records what it did, and on which Ray node), does ``fault['action']``: ``kill`` (default)
     SIGKILLs itself; ``hang`` blocks until the test takes its node away; ``oom`` raises torch's
     out-of-memory error, as a GPU does for a too large batch."""
-    if not fault or step != fault["step"] or rank != fault.get("rank", 0):
+    if not fault or step != fault["step"]:
+        return
+    import ray
+    import torch
+
+    if fault.get("node_labels"):
+        labels = ray.get_runtime_context().get_node_labels()
+        if any(labels.get(k) not in (v, [v]) for k, v in fault["node_labels"].items()):
+            return
+    elif rank != fault.get("rank", 0):
         return
     marker = Path(fault["marker"])
     if marker.exists():
         return
-    import ray
-    import torch
 
     action = fault.get("action", "kill")
     node = ray.get_runtime_context().get_node_id()
@@ -608,7 +635,8 @@ def fit_ray(
     name: str | None = None, callbacks: Sequence[Any] = (), objective: str | None = None,
     cwd: str | None = None, fault: Mapping[str, Any] | None = None, storage_checked: bool = False,
 ) -> TrainResult:
-    """Train through a Ray Train ``TorchTrainer`` with ``train.workers`` workers.
+    """Train through a Ray Train ``TorchTrainer`` with ``train.workers`` workers (elastic: from
+    ``train.min_workers`` up to them, as many as the cluster can place).
 
     Args:
         run_dir: where best.pt, last.pt and the metrics files are copied at the end; None keeps
@@ -649,7 +677,8 @@ def fit_ray(
         train_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=per_worker,
+            num_workers=(t.min_workers, t.workers) if t.elastic else t.workers,
+            use_gpu=use_gpu, resources_per_worker=per_worker,
             label_selector=label_selectors(params),
         ),
         run_config=ray.train.RunConfig(

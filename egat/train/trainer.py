@@ -27,7 +27,7 @@ from egat.data.guides import cue_free_guides_root, images_digest
 from egat.data.splits import cue_free_root
 from egat.data.subsets import stratified_subset
 from egat.errors import CheckpointError, EgatError
-from egat.methods import build_method
+from egat.methods import Method, build_method
 from egat.metrics.accuracy import evaluate_accuracy
 from egat.models import Classifier, build_model
 from egat.resources import suggest_batch_size_on_oom
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 LAST, BEST, METRICS, TIMING = "last.pt", "best.pt", "train_metrics.json", "train_timing.json"
 # Keys that choose where and how a run executes, not what it computes: a run resumes across them.
 RUNTIME_KEYS = ("progress", "out_dir", "num_threads", "backend", "max_failures", "storage_path",
-                "resources_per_worker", "resume", "label_selector")
+                "resources_per_worker", "resume", "label_selector", "min_workers")
 MODEL_CHECKPOINT = f"a model checkpoint written by egat train (a run's {BEST})"
 # on_report(step, metrics, checkpointed): called on every rank after a validation or a checkpoint.
 ReportHook = Callable[[int, dict[str, float], bool], None]
@@ -274,8 +274,21 @@ class Trainer:
                 optimizer.load_state_dict(ckpt["optimizer"])
                 if scheduler is not None:
                     scheduler.load_state_dict(ckpt["scheduler"])
-                mine = _rank_state(ckpt, self.rank)
-                torch.set_rng_state(mine["rng"])
+                mine = _rank_state(ckpt, self.rank, self.world_size, method)
+                saved, step = len(ckpt.get("ranks") or []), int(ckpt["state"]["step"])
+                if saved and saved != self.world_size and self.rank == 0:
+                    log.warning(
+                        "resuming step %d on %d worker(s) from a checkpoint of %d: each rank's "
+                        "shard of the global batch (train.batch_size=%d) and the method state "
+                        "(free AT's perturbation) are re-split by the new world size", step,
+                        self.world_size, saved, t.batch_size)
+                if mine["rng"] is None:
+                    fresh = fresh_rank_seed(t.seed, step, self.rank)
+                    torch.manual_seed(fresh)
+                    log.warning("rank %d has no saved RNG state (the checkpoint has %d ranks): "
+                                "seeded afresh with %d", self.rank, saved, fresh)
+                else:
+                    torch.set_rng_state(mine["rng"])
                 if mine.get("cuda_rng") and len(mine["cuda_rng"]) == torch.cuda.device_count():
                     torch.cuda.set_rng_state_all(mine["cuda_rng"])
                 state.update(ckpt["state"])
@@ -460,13 +473,30 @@ def _to_cpu(state: Any) -> Any:
     return state
 
 
-def _rank_state(ckpt: dict, rank: int) -> dict:
-    """Rank ``rank``'s RNG and method state in ``last.pt``. A checkpoint written before the
-    per-rank states holds rank 0's only, at the top level: every rank resumes from that."""
-    ranks = ckpt.get("ranks") or [
-        {"method": ckpt["method"], "rng": ckpt["rng"], "cuda_rng": ckpt.get("cuda_rng")}
-    ]
-    return ranks[rank] if rank < len(ranks) else ranks[0]
+def _rank_state(ckpt: dict, rank: int, world_size: int, method: Method) -> dict:
+    """Rank ``rank``'s RNG and method state in ``last.pt``, for a run on ``world_size`` ranks.
+
+    The checkpoint holds one state per rank of the run that wrote it. On as many ranks, each gets
+    its own. On another number (Ray's elastic training shrank or grew the run, see
+    ``train.min_workers``): the method state is re-split by :meth:`Method.reshard_states` (free
+    AT's perturbation follows each example of the global batch to its new rank); rank r keeps the
+    RNG state of the old rank r, and a rank the checkpoint has none for gets ``rng`` None (the
+    caller seeds it afresh); the RNG states of ranks that are gone are dropped. A checkpoint
+    written before the per-rank states holds rank 0's only, at the top level: every rank resumes
+    from that."""
+    ranks = ckpt.get("ranks")
+    if not ranks:
+        return {"method": ckpt["method"], "rng": ckpt["rng"], "cuda_rng": ckpt.get("cuda_rng")}
+    if len(ranks) == world_size:
+        return ranks[rank]
+    methods = method.reshard_states([r["method"] for r in ranks], world_size)
+    own = ranks[rank] if rank < len(ranks) else {"rng": None, "cuda_rng": None}
+    return {"method": methods[rank], "rng": own["rng"], "cuda_rng": own.get("cuda_rng")}
+
+
+def fresh_rank_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of a rank that resumes at ``step`` without a saved RNG state of its own."""
+    return (seed * 1_000_003 + step) * 1009 + rank
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor], world_size: int) -> None:
