@@ -15,8 +15,9 @@ import pytest
 from tests.test_pipeline import ROOT, TINY, env_for, init_project, run
 
 FOLDER_TINY = {**TINY, "data": {}, "study": {"methods": ["erm"], "seeds": [0]},
-               # 3 classes: APGD-T's DLR loss needs 4 (the README's folder line says so)
+               # 3 classes: APGD-T's DLR loss needs 4 (the README's folder line says so); 6 test images
                "robust": {**TINY["robust"], "transfer_from": "erm", "transfer_fallback": "erm",
+                          "subset": "all",
                           "attack": {**TINY["robust"]["attack"], "ensemble": ["apgd", "square"]}}}
 
 

@@ -73,9 +73,6 @@ def kill_after_two_trials(cmd, root: Path, env: dict) -> tuple[set[str], str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="Ray start-up of the resumed driver exited 1 with no "
-                   "error once in six runs on a loaded machine (cause not found); every other run "
-                   "resumed correctly. Remove this mark once it has passed repeatedly in CI.")
 def test_a_killed_search_resumes_with_its_finished_trials(tmp_path):
     prepared(tune_params(tmp_path))
     config = tmp_path / "params.yaml"
