@@ -66,3 +66,26 @@ def test_bad_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--repeats", "0"])
     assert exc.value.code == 2 and "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_selection_audit_reads_each_rules_pick_from_the_validation_history(tmp_path):
+    import mlflow
+
+    from benchmarks.selection_audit import audit, best_step
+
+    assert best_step([(100, 5.0), (300, 7.0), (200, 7.0)]) == 200  # a tie keeps the earlier step
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("egat")
+    for key, acc, free in [("train/erm/grass/seed0", [34, 82, 84], [19, 31, 42]),
+                           ("train/egat/grass/seed0", [38, 88, 87], [31, 40, 66])]:
+        run = client.create_run(exp, tags={"stage": "train", "egat_key": key})
+        for step, a, f in zip((100, 200, 300), acc, free):
+            client.log_metric(run.info.run_id, "val/acc", a, step=step)
+            client.log_metric(run.info.run_id, "val/cue_free_acc", f, step=step)
+        client.set_terminated(run.info.run_id)
+    rows = audit(uri).set_index("run")
+    assert rows.loc["train/erm/grass/seed0", ["val", "cue_free_val", "last", "agree"]].tolist() == [
+        300, 300, 300, True]
+    assert rows.loc["train/egat/grass/seed0", ["val", "cue_free_val", "last", "agree"]].tolist() == [
+        200, 300, 300, False]
