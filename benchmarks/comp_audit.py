@@ -42,7 +42,18 @@ def audit_run(checkpoint: Path, domain: str) -> dict[str, float]:
         row.update({f"comp_{baseline}": m["comp"], f"suff_{baseline}": m["suff"],
                     f"object_erased_cacc_{baseline}": m["object_erased_cacc"]})
         row.update(cacc=m["cacc"], cue_free_cacc=m.get("cue_free_cacc", float("nan")))
+    row["confidence"] = mean_confidence(model, loader)
     return row
+
+
+def mean_confidence(model, loader) -> float:
+    """Mean probability (%) of the predicted class: the most an absolute Comp can remove."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        top = [torch.softmax(model(batch["image"]), 1).amax(1) for batch in loader]
+    return 100.0 * torch.cat(top).mean().item()
 
 
 def main() -> None:
@@ -68,7 +79,8 @@ def main() -> None:
     text = ("# Comp/Suff audit (in-domain test split of " + args.domain + ")\n\n"
             "Mean and std over seeds " + ", ".join(map(str, args.seeds)) + ". comp_/suff_<baseline>: "
             "what erased pixels become; object_erased_cacc: cAcc with the object's pixels erased; "
-            "cue_free_cacc: cAcc with the cue erased (the cue-free renders).\n\n"
+            "cue_free_cacc: cAcc with the cue erased (the cue-free renders); confidence: mean "
+            "probability (%) of the predicted class, the most an absolute Comp can remove.\n\n"
             + table.round(2).to_markdown() + "\n")
     io.write_text(Path(args.out), text)
     print(text)
