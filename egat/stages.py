@@ -145,7 +145,9 @@ def train_run(params: Params, method: str, domain: str, seed: int, name: str | N
         tracker.log_artifact(out / "train_metrics.json")
         model, _, _ = model_from_checkpoint(result.best_checkpoint)
         size = cell.data.image_size
-        tracker.log_model(model.eval(), np.zeros((1, 3, size, size), np.float32), name="model")
+        # An example batch of 2: torch.export specialises a batch dimension of 1, and the logged
+        # model would then refuse any other batch size.
+        tracker.log_model(model.eval(), np.zeros((2, 3, size, size), np.float32), name="model")
     return result.metrics
 
 

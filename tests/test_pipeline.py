@@ -124,7 +124,13 @@ def test_repro_outputs_reports_metrics_and_mlflow_runs(project):
     assert train.data.params["methods.egat.lambda_adv"] == "6.0"  # resolved from the preset
     artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
     assert {"checkpoint", "train_metrics.json"} <= artifacts
-    assert client.search_logged_models([train.info.experiment_id]), "the model was not logged"
+    (logged,) = client.search_logged_models([train.info.experiment_id],
+                                            f"source_run_id = '{train.info.run_id}'")
+    import mlflow.pytorch
+    import torch
+
+    served = mlflow.pytorch.load_model(logged.artifact_location)  # any batch size, as users call it
+    assert [tuple(served(torch.zeros(n, 3, 32, 32)).shape) for n in (1, 5)] == [(1, 10), (5, 10)]
 
 
 @pytest.mark.slow

@@ -202,7 +202,7 @@ def test_study_stages_end_to_end(tmp_path, monkeypatch):
             raise SystemExit(0)
         assert exit_.value.code == 0
 
-    # One variant through the train stage's command (MLflow, log_model: ~15 s); the others
+    # One variant through the train stage's command (MLflow and its logged model); the others
     # through the same Trainer directly, into the folders the stages use.
     run("train-cell", "--variant", "wo_at", "--domain", "grass", "--seed", "0")
     for name in ("erm", "egat", "smoothgrad"):

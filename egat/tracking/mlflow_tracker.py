@@ -232,7 +232,13 @@ class MlflowTracker(Tracker):
             [i.dataset for i in inputs], [i.context for i in inputs], [i.tags for i in inputs]))
 
     def log_model(self, model, input_example, name: str = "model") -> None:
-        """Log the model (MLflow's default pt2 format traces ``forward`` on ``input_example``)."""
+        """Log the model (MLflow's default pt2 format traces ``forward`` on ``input_example``).
+
+        The requirements are MLflow's defaults for a torch model (torch, cloudpickle) rather
+        than inferred: inference loads the model in a subprocess, 13-19 s a training stage on
+        2 cores against 0.5 s (measured side by side), and an exported program needs only torch.
+        """
         import mlflow.pytorch
 
-        mlflow.pytorch.log_model(model, name=name, input_example=input_example)
+        mlflow.pytorch.log_model(model, name=name, input_example=input_example,
+                                 pip_requirements=mlflow.pytorch.get_default_pip_requirements())
