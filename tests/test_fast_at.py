@@ -255,18 +255,22 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(data_dir, tmp_path, settin
 
 
 @pytest.mark.slow
+def free_at_params(data_dir, steps: int):
+    """PGD-AT with free AT (2 replays), checkpoints every 4 steps: the multi-rank resume runs."""
+    return params_from_dict({
+        "data": {"dir": str(data_dir)}, "model": {"name": "small_resnet"},
+        "attack": {"name": "free", "replays": 2},
+        "train": {"method": "pgd_at", "steps": steps, "batch_size": 16, "eval_every": 2,
+                  "checkpoint_every": 4, "val_batches": 1, "progress": False, "num_threads": 1}})
+
+
 def test_free_at_on_two_ranks_resumes_each_ranks_perturbation(data_dir, tmp_path):
     """Free AT's perturbation follows each rank's own gradients: a 2-rank run stopped after its
     step-4 checkpoint and resumed ends exactly where the uninterrupted run ends (with rank 0's
     perturbation restored on every rank it would not)."""
     from tests.helpers import train_ranks
 
-    raw = {"data": {"dir": str(data_dir)}, "model": {"name": "small_resnet"},
-           "attack": {"name": "free", "replays": 2},
-           "train": {"method": "pgd_at", "steps": 8, "batch_size": 16, "eval_every": 2,
-                     "checkpoint_every": 4, "val_batches": 1, "progress": False,
-                     "num_threads": 1}}
-    params = params_from_dict(raw)
+    params = free_at_params(data_dir, steps=8)
     train_ranks(params, tmp_path / "whole")
     train_ranks(params, tmp_path / "resumed", stop_at=6)
     stopped = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
@@ -314,12 +318,7 @@ def test_a_run_resumed_on_fewer_or_more_ranks_resplits_its_state(data_dir, tmp_p
     the global batch), stops after the step-8 one, and 2 ranks finish from there."""
     from tests.helpers import train_ranks
 
-    raw = {"data": {"dir": str(data_dir)}, "model": {"name": "small_resnet"},
-           "attack": {"name": "free", "replays": 2},
-           "train": {"method": "pgd_at", "steps": 12, "batch_size": 16, "eval_every": 2,
-                     "checkpoint_every": 4, "val_batches": 1, "progress": False,
-                     "num_threads": 1}}
-    params = params_from_dict(raw)
+    params = free_at_params(data_dir, steps=12)
     run = tmp_path / "elastic"
     train_ranks(params, run, stop_at=6)
     two = torch.load(run / "last.pt", weights_only=True)
