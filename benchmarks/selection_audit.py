@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from egat import io
+
 RULES = {"val": "val/acc", "cue_free_val": "val/cue_free_acc"}
 
 
@@ -60,10 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             "runs: all rules pick the same step.\n")
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        io.write_text(args.out, text)
 
 
 if __name__ == "__main__":
