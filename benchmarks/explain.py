@@ -12,11 +12,15 @@ import cv2
 import numpy as np
 import torch
 
-from benchmarks.timing import Row, missing_extra, round_robin
+from benchmarks.timing import Row, all_of, missing_extra, round_robin
 from egat.explain import normalise_maps
 from egat.explain.gradcam import GradCAM
 
-CAPTUM_SPEEDUP, PGC_SPEEDUP, MAP_TOL = 3.0, 5.0, 1e-5
+# The physical floor: a Grad-CAM map needs the forward pass, and our closed form adds only the
+# logits' weight rows times the features, so its cost is at most 1.1x that forward pass. (Speed-ups
+# over captum / pytorch-grad-cam are shown but not targets: captum's extra work at this layer is
+# one backward through GAP + linear, a cost the model's size sets, not the implementation.)
+FLOOR_RATIO, MAP_TOL = 1.1, 1e-5
 
 
 def gradcam_rows(model, x: torch.Tensor, y: torch.Tensor, repeats: int, warmup: int) -> list[Row]:
@@ -40,9 +44,8 @@ def gradcam_rows(model, x: torch.Tensor, y: torch.Tensor, repeats: int, warmup: 
         fns["pytorch-grad-cam"] = lambda: pgc(input_tensor=x, targets=targets)
     except ImportError as exc:
         missing = missing_extra("gradcam", "pytorch-grad-cam", "grad-cam", exc)
-    # The floor: both ours (closed form) and captum cost about one forward pass.
     fns["model forward alone"] = lambda: model(x).detach()
-    med = round_robin(fns, repeats, warmup)
+    timings = round_robin(fns, repeats, warmup)
     maps = {name: fn() for name, fn in fns.items()}
 
     def common(m) -> np.ndarray:
@@ -53,25 +56,21 @@ def gradcam_rows(model, x: torch.Tensor, y: torch.Tensor, repeats: int, warmup: 
         return (m - low) / np.maximum(high - low, 1e-12)
 
     ref = common(maps["ours closed form"])
-    rows = [Row("gradcam", "ours closed form", med["ours closed form"] * 1e3, "ms",
-                note=f"batch {len(x)}")]
-    targets_by_name = {"captum LayerGradCam": CAPTUM_SPEEDUP, "pytorch-grad-cam": PGC_SPEEDUP}
+    floor = timings.ratio("ours closed form", "model forward alone")
+    rows = [Row("gradcam", "ours closed form", timings.median("ours closed form") * 1e3, "ms",
+                "model forward alone", target=f"<= {FLOOR_RATIO:g}x the forward pass",
+                met=floor.at_most(FLOOR_RATIO), note=f"batch {len(x)}").with_spread(floor),
+            Row("gradcam", "model forward alone", timings.median("model forward alone") * 1e3,
+                "ms", note="no map: the cost floor")]
     for name in fns:
-        if name == "ours closed form":
+        if name in ("ours closed form", "model forward alone"):
             continue
-        if name == "model forward alone":
-            rows.append(Row("gradcam", name, med[name] * 1e3, "ms", "ours closed form",
-                            med[name] / med["ours closed form"], note="no map: the cost floor"))
-            continue
-        speedup = med[name] / med["ours closed form"]
         diff = float(np.abs(common(maps[name]) - ref).max())
-        goal = targets_by_name.get(name)
         rows.append(Row(
-            "gradcam", name, med[name] * 1e3, "ms", "ours closed form", speedup, diff,
-            target=f"ours >= {goal:g}x faster, maps within {MAP_TOL:g}" if goal else
-            f"maps within {MAP_TOL:g}",
-            met=(speedup >= goal if goal else True) and diff <= MAP_TOL,
-        ))
+            "gradcam", name, timings.median(name) * 1e3, "ms", "ours closed form", diff=diff,
+            target=f"maps within {MAP_TOL:g}", met=all_of(diff <= MAP_TOL),
+            note="ratio: its time / ours" if name != "ours autograd" else "",
+        ).with_spread(timings.ratio(name, "ours closed form")))
     if missing:
         rows.append(missing)
     return rows

@@ -32,6 +32,10 @@ def test_benchmark_writes_the_table_json_and_markdown(tmp_path, capsys):
     assert target["target"] == "<= 1.2" and target["met"] == (target["ratio"] <= 1.2)
     for name in ("ours autograd", "captum LayerGradCam", "pytorch-grad-cam"):
         assert rows[("gradcam", name)]["diff"] < 1e-5  # the same maps
+    floor = rows[("gradcam", "ours closed form")]  # one repeat: the range is the ratio itself
+    assert floor["versus"] == "model forward alone" and floor["target"] == "<= 1.1x the forward pass"
+    assert floor["ratio_low"] == floor["ratio"] == floor["ratio_high"]
+    assert floor["met"] == (floor["ratio"] <= 1.1)
     assert rows[("attacks", "torchattacks PGD-2")]["diff"] < 1e-6
     assert rows[("attacks", "torchattacks FGSM")]["diff"] < 1e-6
     assert {n for s, n in rows if s == "comp/suff"} == {"k=5%", "k=50%", "all k [5.0, 50.0]"}
@@ -60,6 +64,19 @@ def test_a_missing_benchmark_extra_is_a_note_and_the_rest_runs(tmp_path):
     assert rows["torchattacks"]["note"].startswith("not run: torchattacks is not installed")
     assert rows["captum LayerGradCam"]["diff"] < 1e-5  # the rest of the table ran
     assert "pip install -e '.[bench]'" in proc.stdout
+
+
+def test_ratios_pair_calls_of_one_round_and_a_target_needs_the_whole_range():
+    from benchmarks.timing import Spread, Timings, all_of
+
+    timings = Timings({"a": [2.0, 6.0, 3.0], "b": [1.0, 2.0, 3.0]})
+    ratio = timings.ratio("a", "b")  # per round: 2, 3, 1 (not median(a) / median(b) = 1.5)
+    assert (ratio.median, ratio.low, ratio.high) == (2.0, 1.0, 3.0)
+    assert timings.median("a") == 3.0 and str(ratio) == "2.00 [1.00, 3.00]"
+    assert ratio.at_most(3.0) is True and ratio.at_most(0.5) is False
+    assert ratio.at_most(1.2) is None  # straddles: undecided, neither met nor NOT met
+    assert Spread(1.0, 0.9, 1.1).at_least(0.8) is True and Spread(1.0, 0.9, 1.1).at_least(1.0) is None
+    assert all_of(True, None) is None and all_of(None, False) is False and all_of(True) is True
 
 
 def test_bad_arguments_exit_with_a_message(capsys):
