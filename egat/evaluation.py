@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -124,15 +125,15 @@ def evaluate_domain(model: Classifier, params: Params, loader, device, cue_free_
 
 
 def costly_scores(model, explainer, attack, images: torch.Tensor, labels: torch.Tensor,
-                  probs: torch.Tensor, masks: torch.Tensor | None, *, ks, baseline: str,
-                  top: float) -> dict[str, torch.Tensor]:  # fmt: skip
+                  probs: torch.Tensor, masks: torch.Tensor | None, *, ks: Sequence[float],
+                  baseline: str, top: float) -> dict[str, torch.Tensor]:  # fmt: skip
     """Per-image aAcc, Comp/Suff (and their squares), stability under the attack and, where
     ``masks`` are given, alignment, of one batch's chosen images (``probs``: the model's softmax
     on ``images``). Comp/Suff explain the predicted class c; stability compares E(x) with E(x')
     for that same c; alignment explains the true class (the pointing-game protocol). Scores that
     are float32 come back as float64, so that sums over a test set are in double precision.
 
-    The attack runs once and the explainer three times (c on x, c on x', the label on x), in this
+    The attack runs once, then the explainer on (c, x), (c, x') and, with masks, (label, x), in this
     order: their random draws (random start, SmoothGrad's noise) follow one another as listed.
     """
     pred = probs.argmax(1)

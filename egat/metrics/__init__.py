@@ -8,7 +8,6 @@ lists them with their units and report titles.
 
 from egat.metrics.accuracy import correct, evaluate_accuracy
 from egat.metrics.alignment import alignment_scores
-from egat.metrics.catalog import METRICS, Metric
 from egat.metrics.cue import cue_scores
 from egat.metrics.faithfulness import (
     baseline_fill,
@@ -24,8 +23,6 @@ from egat.metrics.stability import spearman_rows, stability_scores, top_intersec
 from egat.metrics.stream import ScoreSums, accumulate, iterate_batches
 
 __all__ = [
-    "METRICS",
-    "Metric",
     "ScoreSums",
     "accumulate",
     "alignment_scores",
