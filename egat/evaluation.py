@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -24,14 +25,16 @@ from egat.data.splits import cue_free_root
 from egat.data.subsets import stratified_indices, stratified_subset
 from egat.explain import build_explainer
 from egat.metrics import (
+    accumulate,
     alignment_scores,
+    correct,
+    cue_scores,
     erasure_scores,
     evaluate_accuracy,
-    iterate_batches,
-    spearman_rows,
-    top_intersection,
+    object_erased_correct,
+    stability_scores,
 )
-from egat.metrics.faithfulness import baseline_fill
+from egat.metrics.catalog import METRIC_NAMES, PERCENT_METRICS
 from egat.models import Classifier
 from egat.resources import suggest_batch_size_on_oom
 from egat.seeding import seeded_scope
@@ -70,95 +73,83 @@ def evaluate_domain(model: Classifier, params: Params, loader, device, cue_free_
     """All per-domain metrics in one pass over ``loader`` (and, in step, ``cue_free_loader``: the
     cue-free renders of the same images in the same order, where the data has them).
 
-    The metrics that need an attack or explanations (aAcc, Comp/Suff, stability, alignment) run on
-    the images whose ``index`` is in ``costly_ids`` (None: all); the forward-only ones (cAcc, the
-    cue metrics, cue-free and object-erased cAcc) on every image. Streams: only running sums
-    outlive a batch, so memory is flat in the test-set size. Per-image sums of squares of Comp and
-    Suff are kept for their confidence intervals (``comp_sd``).
+    The metrics that need an attack or explanations (aAcc, Comp/Suff, stability, alignment;
+    :func:`costly_scores`) run on the images whose ``index`` is in ``costly_ids`` (None: all); the
+    forward-only ones (cAcc, the cue metrics, cue-free and object-erased cAcc) on every image.
+    Streams (egat.metrics.stream): only running sums outlive a batch, so memory is flat in the
+    test-set size. Per-image sums of squares of Comp and Suff are kept for their confidence
+    intervals (``comp_sd``).
     """
     ev = params.eval
     attack = build_attack(model, ev.attack)
     explainer = build_explainer(ev.explainer, model, params.explainer)
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-
-    def add(key: str, values: torch.Tensor) -> None:
-        sums[key] = sums.get(key, 0.0) + float(values.double().sum())
-        counts[key] = counts.get(key, 0) + int(values.numel())
-
     cue_free = iter(cue_free_loader) if cue_free_loader is not None else None
+
+    def score(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, y = batch["image"], batch["label"]
+        with torch.no_grad():
+            probs = model(x).softmax(1)
+        pred = probs.argmax(1)
+        scores = {"cacc": pred == y}
+        if "mask" in batch:
+            scores["object_erased_cacc"] = object_erased_correct(
+                model, x, y, batch["mask"], ev.faithfulness.baseline)
+        cue = batch.get("cue")
+        if cue is not None and bool((cue >= 0).all()):  # -1: the data knows no cue
+            scores.update(cue_scores(pred, y, cue))
+        if cue_free is not None:
+            scores["cue_free_cacc"] = correct(model, next(cue_free)["image"].to(device), y)
+        costly = (torch.isin(batch["index"], costly_ids.to(device)) if costly_ids is not None
+                  else torch.ones_like(y, dtype=torch.bool))
+        if bool(costly.any()):
+            scores.update(costly_scores(
+                model, explainer, attack, x[costly], y[costly], probs[costly],
+                batch["mask"][costly] if "mask" in batch else None,
+                ks=ev.faithfulness.ks, baseline=ev.faithfulness.baseline, top=ev.stability_top,
+            ))
+        return scores
+
     with model_mode(model, "eval"):
-        for batch in iterate_batches(loader, device):
-            x, y = batch["image"], batch["label"]
-            with torch.no_grad():
-                probs = model(x).softmax(1)
-            pred = probs.argmax(1)
-            add("cacc", pred == y)
-            if "mask" in batch:
-                with torch.no_grad():  # the object replaced by the erasure baseline
-                    fill = baseline_fill(x, ev.faithfulness.baseline)
-                    erased = torch.where(batch["mask"].bool(), fill, x)
-                    add("object_erased_cacc", model(erased).argmax(1) == y)
-            cue = batch.get("cue")
-            if cue is not None and bool((cue >= 0).all()):
-                off = cue != y  # where the cue points to another class
-                add("cacc_cue_match", (pred == y)[~off])
-                add("cacc_cue_mismatch", (pred == y)[off])
-                add("cue_follow", (pred == cue)[off])
-            if cue_free is not None:
-                free = next(cue_free)["image"].to(device)
-                with torch.no_grad():
-                    add("cue_free_cacc", model(free).argmax(1) == y)
-            costly = (torch.isin(batch["index"], costly_ids.to(device)) if costly_ids is not None
-                      else torch.ones_like(y, dtype=torch.bool))
-            if bool(costly.any()):
-                _costly_metrics(model, explainer, attack, ev, add, x[costly], y[costly],
-                                probs[costly], batch["mask"][costly] if "mask" in batch else None)
-    n = counts["cacc"]
-    out = {key: sums[key] / counts[key] for key in sums if counts[key] and not key.endswith("_sq")}
+        sums = accumulate(loader, device, score)
+    out = {key: value for key, value in sums.means().items() if not key.endswith("_sq")}
     for key in ("comp", "suff"):  # per-image std, for confidence intervals over test images
-        mean_sq = sums[f"{key}_sq"] / counts[key]
+        mean_sq = sums.mean(f"{key}_sq")
         out[f"{key}_sd"] = 100.0 * max(mean_sq - out[key] ** 2, 0.0) ** 0.5
-    for key in PERCENT_METRICS:
-        if key in out:
-            out[key] *= 100.0
-    out["n"] = n
-    out["n_costly"] = counts["aacc"]
-    if "cue_follow" in counts:
-        out["n_cue_mismatch"] = counts["cue_follow"]
+    for key in PERCENT_METRICS & out.keys():
+        out[key] *= 100.0
+    out["n"] = sums.counts["cacc"]
+    out["n_costly"] = sums.counts["aacc"]
+    if "cue_follow" in sums.counts:
+        out["n_cue_mismatch"] = sums.counts["cue_follow"]
     return out
 
 
-def _costly_metrics(model, explainer, attack, ev, add, x, y, probs, mask) -> None:
-    """aAcc, Comp/Suff, stability under the attack and alignment of one batch's chosen images."""
+def costly_scores(model, explainer, attack, images: torch.Tensor, labels: torch.Tensor,
+                  probs: torch.Tensor, masks: torch.Tensor | None, *, ks: Sequence[float],
+                  baseline: str, top: float) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Per-image aAcc, Comp/Suff (and their squares), stability under the attack and, where
+    ``masks`` are given, alignment, of one batch's chosen images (``probs``: the model's softmax
+    on ``images``). Comp/Suff explain the predicted class c; stability compares E(x) with E(x')
+    for that same c; alignment explains the true class (the pointing-game protocol). Scores that
+    are float32 come back as float64, so that sums over a test set are in double precision.
+
+    The attack runs once, then the explainer on (c, x), (c, x') and, with masks, (label, x), in this
+    order: their random draws (random start, SmoothGrad's noise) follow one another as listed.
+    """
     pred = probs.argmax(1)
-    x_adv = attack(x, y)
-    with torch.no_grad():
-        add("aacc", model(x_adv).argmax(1) == y)
-    maps = explainer.attribute(x, pred)
-    c, s = erasure_scores(
-        model, x, maps, pred, ev.faithfulness.ks, ev.faithfulness.baseline,
-        clean_prob=probs.gather(1, pred[:, None])[:, 0],
-    )
+    adversarial = attack(images, labels)
+    scores = {"aacc": correct(model, adversarial, labels)}
+    maps = explainer.attribute(images, pred)
+    c, s = erasure_scores(model, images, maps, pred, ks, baseline,
+                          clean_prob=probs.gather(1, pred[:, None])[:, 0])
     comp, suff = c.mean(0), s.mean(0)  # per image, averaged over the k bins
-    add("comp", comp)
-    add("comp_sq", comp**2)
-    add("suff", suff)
-    add("suff_sq", suff**2)
-    adv_maps = explainer.attribute(x_adv, pred)
-    flat, adv_flat = maps.flatten(1), adv_maps.flatten(1)
-    rho = spearman_rows(flat, adv_flat)
-    add("spearman", rho[~rho.isnan()])
-    add("top_intersection", top_intersection(flat, adv_flat, ev.stability_top))
-    if mask is not None:
-        h, m = alignment_scores(explainer.attribute(x, y), mask)
-        add("pointing_game", h)
-        add("mass_in_mask", m)
-
-
-# Metrics kept as fractions in [0, 1] are the rank/overlap scores; these are percentages.
-PERCENT_METRICS = ("cacc", "aacc", "comp", "suff", "object_erased_cacc", "cacc_cue_match",
-                   "cacc_cue_mismatch", "cue_follow", "cue_free_cacc")
+    scores.update(comp=comp.double(), comp_sq=(comp**2).double(),
+                  suff=suff.double(), suff_sq=(suff**2).double())
+    scores.update(stability_scores(maps, explainer.attribute(adversarial, pred), top))
+    if masks is not None:
+        hits, mass = alignment_scores(explainer.attribute(images, labels), masks)
+        scores.update(pointing_game=hits, mass_in_mask=mass.double())
+    return scores
 
 
 @_seeded
@@ -194,12 +185,6 @@ def costly_ids(loader: DataLoader, params: Params) -> torch.Tensor:
     return indices[torch.from_numpy(chosen)]
 
 
-# The per-domain metrics averaged into eval.json's summary (and DVC's metrics).
-SUMMARY_METRICS = ("cacc", "aacc", "comp", "suff", "spearman", "top_intersection", "pointing_game",
-                   "mass_in_mask", "object_erased_cacc", "cue_free_cacc", "cue_follow",
-                   "cacc_cue_match", "cacc_cue_mismatch")
-
-
 @suggest_batch_size_on_oom("eval.batch_size", "evaluation")
 def evaluate_model(
     model: Classifier, params: Params, train_domains: list[str], device=None
@@ -224,7 +209,7 @@ def evaluate_model(
         chosen = [m for m in per_domain.values() if m["in_domain"] == in_domain]
         if not chosen:
             continue
-        for key in SUMMARY_METRICS:
+        for key in METRIC_NAMES:  # each metric averaged over the group's test domains
             values = [m[key] for m in chosen if key in m]
             if values:
                 summary[f"{group}_{key}"] = sum(values) / len(values)

@@ -23,25 +23,20 @@ import pandas as pd
 
 from egat import io
 from egat.errors import EgatError
+from egat.metrics.catalog import METRIC_NAMES, METRICS, TITLES, image_count
 from egat.robust_report import add_aa_column, build_robust_report
+from egat.stats import Stats, binomial_variance, interval_ranks, over_seeds
 
 DIGITS = 2  # shown in the markdown tables
 CSV_DIGITS = 4
 RUN_KEYS = ["method", "train_domain", "seed"]
-METRICS = ["cacc", "aacc", "comp", "suff", "spearman", "top_intersection", "pointing_game",
-           "mass_in_mask", "object_erased_cacc", "cue_free_cacc", "cue_follow", "cacc_cue_match",
-           "cacc_cue_mismatch"]
-# Percentages of images (binomial test-set error) and per-image means with a stored per-image sd.
-BINOMIAL_METRICS = {"cacc", "aacc", "object_erased_cacc", "cue_free_cacc"}
-SD_METRICS = {"comp", "suff"}
-COSTLY = {"aacc", "comp", "suff"}  # run on eval.costly_examples of the n test images
-Z95 = 1.959964
-CUE_METRICS = {"cacc_cue_match": "cAcc, cue matches", "cacc_cue_mismatch": "cAcc, cue misleads",
-               "cue_follow": "cue-follow rate", "cue_free_cacc": "cue-free cAcc",
-               "object_erased_cacc": "cAcc, object erased"}
-TABLE1_METRICS = {"cacc": "cAcc", "aacc": "aAcc", "comp": "Comp", "suff": "Suff", "aa": "AA"}
-EXPLANATION_METRICS = {"spearman": "Spearman", "top_intersection": "top-k overlap",
-                       "pointing_game": "pointing game", "mass_in_mask": "mass in mask"}
+# Each table's columns, in order; every metric's title is egat/metrics/catalog.py's, and "aa"
+# (robust.json's AutoAttack accuracy, egat/robust_report.py) is Table I's last column.
+TABLE1_METRICS = ("cacc", "aacc", "comp", "suff", "aa")
+EXPLANATION_METRICS = ("spearman", "top_intersection", "pointing_game", "mass_in_mask")
+CUE_METRICS = ("cacc_cue_match", "cacc_cue_mismatch", "cue_follow", "cue_free_cacc",
+               "object_erased_cacc")
+COLUMN_TITLES = {**TITLES, "aa": "AA"}
 BAR_METRICS = {"id_cacc": "in-domain cAcc", "id_aacc": "in-domain aAcc",
                "ood_cacc": "OOD cAcc", "ood_aacc": "OOD aAcc"}
 ATTACK_NAMES = {"fgsm": "FGSM", "mifgsm": "MI-FGSM", "pgd": "PGD", "apgd": "APGD-CE"}
@@ -84,14 +79,14 @@ def eval_rows(run: RunFile) -> tuple[list[dict], list[dict]]:
     key = {"method": run.method, "train_domain": "+".join(ev["train_domains"]), "seed": run.seed}
     domains = [
         {**key, "test_domain": name, "in_domain": bool(m["in_domain"]),
-         **{k: float(m[k]) for k in METRICS if m.get(k) is not None},
+         **{k: float(m[k]) for k in METRIC_NAMES if m.get(k) is not None},
          **test_variances(m)}
         for name, m in ev["domains"].items()
     ]
     n_sweep = ev.get("sweep_n")
     sweep = [
         {**key, "attack": attack, "eps": float(eps), "accuracy": float(acc),
-         "accuracy_var": float(acc) * (100.0 - float(acc)) / n_sweep if n_sweep else np.nan}
+         "accuracy_var": binomial_variance(float(acc), n_sweep) if n_sweep else np.nan}
         for attack, by_eps in ev.get("sweep", {}).items()
         for eps, acc in by_eps.items()
     ]
@@ -100,23 +95,19 @@ def eval_rows(run: RunFile) -> tuple[list[dict], list[dict]]:
 
 def test_variances(m: dict) -> dict[str, float]:
     """``<metric>_var``: the squared standard error (in the metric's units) of one run's metric
-    from the finite test set: p (100 - p) / n for accuracies, sd^2 / n for Comp/Suff."""
-    n = m.get("n")
-    if not n:
+    from the finite test set (its ``error`` in egat/metrics/catalog.py): p (100 - p) / N for
+    percentages of images, sd^2 / N for Comp/Suff, N the images it is a mean over."""
+    if not m.get("n"):
         return {}
     out = {}
-    costly = m.get("n_costly") or n  # aAcc and Comp/Suff may run on a subset of the n images
-    for k in BINOMIAL_METRICS & m.keys():
-        out[f"{k}_var"] = float(m[k]) * (100.0 - float(m[k])) / (costly if k in COSTLY else n)
-    for k in SD_METRICS:
-        if m.get(f"{k}_sd") is not None and k in m:
-            out[f"{k}_var"] = float(m[f"{k}_sd"]) ** 2 / costly
-    # The cue metrics count the images whose cue misleads (or matches) only.
-    groups = {"cue_follow": m.get("n_cue_mismatch"), "cacc_cue_mismatch": m.get("n_cue_mismatch"),
-              "cacc_cue_match": n - (m.get("n_cue_mismatch") or n)}
-    for k, count in groups.items():
-        if count and m.get(k) is not None:
-            out[f"{k}_var"] = float(m[k]) * (100.0 - float(m[k])) / count
+    for metric in METRICS:
+        k, count = metric.name, image_count(metric, m)
+        if metric.error is None or m.get(k) is None or not count:
+            continue
+        if metric.error == "binomial":
+            out[f"{k}_var"] = binomial_variance(float(m[k]), count)
+        elif m.get(f"{k}_sd") is not None:
+            out[f"{k}_var"] = float(m[f"{k}_sd"]) ** 2 / count
     return out
 
 
@@ -170,7 +161,7 @@ def per_run_means(domains: pd.DataFrame, in_domain: bool) -> pd.DataFrame:
     ``<metric>_var`` columns (test-set error, see :func:`test_variances`) combine as the variance
     of that mean over independent test domains."""
     chosen = domains[domains["in_domain"] == in_domain]
-    metrics = metric_columns(domains, METRICS)
+    metrics = metric_columns(domains, METRIC_NAMES)
     grouped = chosen.groupby(RUN_KEYS)
     means = grouped[metrics].mean()
     variances = var_columns(chosen, metrics)
@@ -193,48 +184,6 @@ def per_seed_means(domains: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, axis=1)
 
 
-@dataclass(frozen=True)
-class Stats:
-    """Mean, sample std over seeds (NaN for one seed) and 95 % CI half-width of every cell."""
-
-    mean: pd.DataFrame
-    std: pd.DataFrame
-    half: pd.DataFrame
-
-    @property
-    def low(self) -> pd.DataFrame:
-        return self.mean - self.half
-
-    @property
-    def high(self) -> pd.DataFrame:
-        return self.mean + self.half
-
-    def map(self, fn) -> "Stats":
-        return Stats(fn(self.mean), fn(self.std), fn(self.half))
-
-
-def over_seeds(per_seed: pd.DataFrame, by: list[str]) -> Stats:
-    """Stats over the seed level of ``per_seed`` (one row per seed), grouped by ``by``.
-
-    half = sqrt((t_{k-1} s / sqrt(k))^2 + (z var_test^0.5)^2): the seeds' t interval and the
-    shared test set's normal interval in quadrature (docs/protocol.md); with one seed, the test
-    set's alone. Metrics without a ``_var`` column (rank scores) get the seeds' term only.
-    """
-    from scipy.stats import t as student_t
-
-    values = [c for c in per_seed.columns if not c.endswith("_var")]
-    grouped = per_seed.groupby(level=by)
-    mean, std, k = grouped[values].mean(), grouped[values].std(ddof=1), grouped.size()
-    quantile = pd.Series(student_t.ppf(0.975, np.maximum(k - 1, 1)), index=k.index)
-    seed_term = std.mul(quantile / np.sqrt(k), axis=0).fillna(0.0)
-    test_term = pd.DataFrame(0.0, index=mean.index, columns=values)
-    for c in values:
-        if f"{c}_var" in per_seed.columns:
-            test_term[c] = (Z95 * np.sqrt(grouped[f"{c}_var"].mean())).fillna(0.0)
-    half = np.sqrt(seed_term**2 + test_term**2)
-    return Stats(mean, std, half)
-
-
 def in_domain_table(results: Results) -> Stats:
     """Table I: rows = methods, columns = (training domain, metric)."""
     metrics = metric_columns(results.domains, TABLE1_METRICS)
@@ -244,18 +193,6 @@ def in_domain_table(results: Results) -> Stats:
     return over_seeds(runs, ["method", "train_domain"]).map(
         lambda stat: stat.unstack("train_domain").swaplevel(axis=1).reindex(
             index=results.methods, columns=columns))
-
-
-def interval_ranks(stats: Stats) -> pd.DataFrame:
-    """Rank 1 = best in each column; a method's rank is 1 + the number of methods whose whole
-    95 % interval lies above its own, so methods with overlapping intervals tie."""
-    low, high = stats.low, stats.high
-    ranks = pd.DataFrame(index=stats.mean.index, columns=stats.mean.columns, dtype=float)
-    for col in stats.mean.columns:
-        present = stats.mean[col].notna()
-        for method in stats.mean.index[present]:
-            ranks.loc[method, col] = 1 + int((low.loc[present, col] > high.loc[method, col]).sum())
-    return ranks
 
 
 @dataclass(frozen=True)
@@ -308,7 +245,7 @@ def cue_table(results: Results) -> Stats:
     return group_table(results, CUE_METRICS)
 
 
-def group_table(results: Results, wanted: dict[str, str]) -> Stats:
+def group_table(results: Results, wanted: tuple[str, ...]) -> Stats:
     """id_*/ood_* columns of the ``wanted`` metrics per method, over seeds."""
     per_seed = per_seed_means(results.domains)
     columns = [f"{prefix}_{m}" for m in metric_columns(results.domains, wanted)
@@ -367,12 +304,11 @@ def format_cell(mean: float, std: float = float("nan"), half: float = float("nan
 def metric_label(metric: str) -> str:
     prefix, _, name = metric.partition("_")
     group = {"id": "ID", "ood": "OOD"}[prefix]
-    names = {**EXPLANATION_METRICS, **TABLE1_METRICS, **CUE_METRICS}
-    return f"{group} {names.get(name, name)}"
+    return f"{group} {COLUMN_TITLES.get(name, name)}"
 
 
 def table1_label(column: tuple[str, str]) -> str:
-    return f"{column[0]} {TABLE1_METRICS[column[1]]}"
+    return f"{column[0]} {COLUMN_TITLES[column[1]]}"
 
 
 def pair_label(pair: tuple[str, str]) -> str:

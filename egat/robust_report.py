@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from egat import io
+from egat.stats import Stats, binomial_variance, over_seeds
 
 KEYS = ["method", "train_domain"]
 CHECKS = {  # egat.robustness.robust_metrics's checks
@@ -137,17 +138,15 @@ def build_robust_report(evals_dir: str | Path, out_dir: str | Path,
     return [out / "robustness.md", out / "robustness.csv"]
 
 
-def add_aa_column(evals_dir: str | Path, table1):
-    """Table I (a report Stats; columns (train domain, metric)) with an "aa" column after each
-    training domain's metrics (mean, std and 95 % CI over seeds and the robust subset's images),
-    rows of methods failing a check marked "⚠ (checks)", and the caption's sentence about both;
-    the table as it was where no run has a robust.json."""
-    from egat.report import Stats, over_seeds
-
+def add_aa_column(evals_dir: str | Path, table1: Stats) -> tuple[Stats, str]:
+    """Table I (columns (train domain, metric)) with an "aa" column after each training domain's
+    metrics (mean, std and 95 % CI over seeds and the robust subset's images), rows of methods
+    failing a check marked "⚠ (checks)", and the caption's sentence about both; the table as it
+    was where no run has a robust.json."""
     df = load_robust(evals_dir)
     if df.empty:
         return table1, ""
-    df = df.assign(aa_var=df["aa"] * (100.0 - df["aa"]) / df["n"])
+    df = df.assign(aa_var=binomial_variance(df["aa"], df["n"]))
     aa = over_seeds(df.set_index(["method", "train_domain", "seed"])[["aa", "aa_var"]],
                     ["method", "train_domain"]).map(lambda s: s["aa"].unstack("train_domain"))
     columns = [c for t in dict.fromkeys(table1.mean.columns.get_level_values(0))

@@ -24,9 +24,10 @@ from egat.run_layout import VARIANTS
 from egat.seeding import seeded_scope
 from egat.report import (
     Results, csv_text, find_eval_files, in_domain_outputs, in_domain_table, load_runs,
-    markdown_table, method_colors, new_figure, ood_outputs, ood_table, over_seeds,
-    per_seed_means, save_png, seeds_caption,
+    markdown_table, method_colors, new_figure, ood_outputs, ood_table, per_seed_means, save_png,
+    seeds_caption,
 )
+from egat.stats import over_seeds
 
 
 

@@ -1,4 +1,5 @@
-"""Metrics against values computed by hand on tiny models, maps and masks."""
+"""Metrics against values computed by hand on tiny models, maps and masks: the per-image scorers
+and the loop that evaluation (egat/evaluation.py) and validation run them in."""
 
 from __future__ import annotations
 
@@ -9,20 +10,23 @@ import torch
 from torch import nn
 
 from egat.attacks import PGD
-from egat.errors import EgatError
+from egat.config import params_from_dict
+from egat.evaluation import costly_scores, evaluate_domain
 from egat.metrics import (
-    adversarial_accuracy,
+    accumulate,
     alignment_scores,
-    clean_accuracy,
+    correct,
+    cue_scores,
     descending_ranks,
     erasure_scores,
     evaluate_accuracy,
-    explanation_alignment,
-    explanation_stability,
     faithfulness,
+    object_erased_correct,
     spearman_rows,
+    stability_scores,
     top_intersection,
 )
+from egat.metrics.catalog import METRIC_NAMES
 from egat.models.classifier import Classifier
 
 
@@ -78,6 +82,37 @@ class RedChannelExplainer:
         return inputs[:, 0]
 
 
+def scores_of(model, explainer, attack, images, labels, masks=None, ks=(25, 50), top=0.5):
+    """:func:`costly_scores` of one batch, as evaluation calls it (eval mode, black baseline)."""
+    model.eval()
+    with torch.no_grad():
+        probs = model(images).softmax(1)
+    return costly_scores(model, explainer, attack, images, labels, probs, masks, ks=list(ks),
+                         baseline="black", top=top)
+
+
+# ------------------------------------------------------------------------------- the loop
+
+
+def test_accumulate_sums_per_name_in_order_of_first_appearance():
+    batches = [{"image": torch.zeros(2, 1), "v": torch.tensor([1.0, 2.0])},
+               {"image": torch.zeros(3, 1), "v": torch.tensor([3.0, 4.0, 5.0])}]
+
+    def score(batch):  # "late" scores only the second batch, and one image of it
+        out = {"v": batch["v"]}
+        if len(batch["v"]) == 3:
+            out = {"late": batch["v"][:1] > 0, **out}
+        return out
+
+    sums = accumulate(batches, "cpu", score)
+    assert list(sums.sums) == ["v", "late"]
+    assert sums.means() == {"v": 3.0, "late": 1.0} and sums.counts == {"v": 5, "late": 1}
+    # max_examples cuts the last batch to fit: 1, 2 and 3 (which "late" does not score)
+    assert accumulate(batches, "cpu", score, max_examples=3).means() == {"v": 2.0}
+    empty = accumulate(batches, "cpu", lambda b: {"none": b["v"][:0]})
+    assert empty.counts == {"none": 0} and empty.means() == {}
+
+
 # ----------------------------------------------------------------------------- accuracy
 
 
@@ -94,20 +129,22 @@ RGB_MODEL = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]  # predicts the image's colour
 
 def test_clean_accuracy_on_known_predictions():
     images, labels = coloured_images()
-    model = linear_pixel_model(RGB_MODEL)
+    model = linear_pixel_model(RGB_MODEL).eval()
+    assert correct(model, images, labels).tolist() == [True, True, False, True]
     loader = loader_of(images, labels)
-    assert clean_accuracy(model, loader, "cpu") == 75.0
-    assert clean_accuracy(model, loader, "cpu", max_examples=2) == 100.0  # red, green: both right
-    assert clean_accuracy(model, loader, "cpu", max_examples=3) == pytest.approx(200 / 3)
+    assert evaluate_accuracy(model, loader, "cpu")["clean"] == 75.0
+    # red, green: both right
+    assert evaluate_accuracy(model, loader, "cpu", max_examples=2)["clean"] == 100.0
+    assert evaluate_accuracy(model, loader, "cpu", max_examples=3)["clean"] == pytest.approx(200 / 3)
 
 
 def test_an_attack_that_does_nothing_gives_aacc_equal_to_cacc():
     images, labels = coloured_images()
-    model = linear_pixel_model(RGB_MODEL)
-    loader = loader_of(images, labels)
+    model = linear_pixel_model(RGB_MODEL).eval()
     identity = lambda x, y: x  # noqa: E731
-    clean = clean_accuracy(model, loader, "cpu")
-    assert adversarial_accuracy(model, loader, identity, "cpu") == clean
+    assert torch.equal(correct(model, identity(images, labels), labels), correct(model, images, labels))
+    result = evaluate_accuracy(model, loader_of(images, labels), "cpu", {"adversarial": identity})
+    assert result["adversarial"] == result["clean"]
 
 
 def test_evaluate_accuracy_reports_every_attack_in_one_pass():
@@ -127,7 +164,7 @@ def test_accuracy_runs_in_eval_mode_and_restores_the_mode():
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append(module.training))
     # dropout 0.5 in train mode would zero features at random; in eval the answer is exact
-    assert clean_accuracy(model, loader_of(images, labels), "cpu") == 75.0
+    assert evaluate_accuracy(model, loader_of(images, labels), "cpu")["clean"] == 75.0
     assert seen and not any(seen)
     assert model.training and model.dropout.training
 
@@ -185,6 +222,20 @@ def test_faithfulness_by_hand_explains_the_predicted_class():
     assert result["suff"] == close(100 * (SUFF[25] + SUFF[50]) / 2)
     assert result["comp_k25"] == close(100 * COMP[25])
     assert result["suff_k50"] == close(100 * SUFF[50])
+
+
+def test_evaluation_scores_comp_and_suff_per_image_for_the_predicted_class():
+    """evaluation's Comp/Suff: each image's mean over the k bins (probability units; x100 later),
+    with its square for the per-image sd."""
+    explainer = FixedExplainer({0: MAP_CLASS_0, 1: 1 - MAP_CLASS_0})
+    scores = scores_of(linear_pixel_model(RED_SUM_MODEL), explainer, lambda x, y: x, red_image(),
+                       torch.tensor([1]))
+    assert explainer.targets == [[0], [0]]  # E(x) and E(x') of the predicted class
+    comp, suff = (COMP[25] + COMP[50]) / 2, (SUFF[25] + SUFF[50]) / 2
+    assert scores["comp"].tolist() == pytest.approx([comp]) and scores["comp"].dtype == torch.float64
+    assert scores["suff"].tolist() == pytest.approx([suff])
+    assert scores["comp_sq"].tolist() == pytest.approx([comp**2], rel=1e-5)
+    assert scores["suff_sq"].tolist() == pytest.approx([suff**2], rel=1e-5)
 
 
 def test_faithfulness_averages_over_images_and_ignores_the_batching():
@@ -299,6 +350,24 @@ def test_descending_ranks_are_stable():
     assert descending_ranks(scores).tolist() == [[2, 0, 3, 1]]
 
 
+def test_object_erased_accuracy_by_hand():
+    # 2x2 images labelled red, the object the pixel (0, 0), red 1 there. Image 0 also shows green
+    # 0.5 at (1, 1): erased to black, green (0.5) beats red (0), wrong; to its mean colour
+    # (0.25, 0.125, 0), red 0.25 against green 0.625, wrong too. Image 1 shows red 0.5 at (1, 1):
+    # red is left after either erasure, right.
+    images = torch.zeros(2, 3, 2, 2)
+    images[:, 0, 0, 0] = 1.0
+    images[0, 1, 1, 1] = 0.5
+    images[1, 0, 1, 1] = 0.5
+    masks = torch.zeros(2, 1, 2, 2)
+    masks[:, 0, 0, 0] = 1.0
+    labels = torch.tensor([0, 0])
+    model = linear_pixel_model(RGB_MODEL).eval()
+    assert correct(model, images, labels).tolist() == [True, True]
+    assert object_erased_correct(model, images, labels, masks).tolist() == [False, True]
+    assert object_erased_correct(model, images, labels, masks, "mean").tolist() == [False, True]
+
+
 # ---------------------------------------------------------------------------- stability
 
 # Maps a = [1, 2, 3, 4], b = [1, 3, 2, 4] (no ties): rank differences d = (0, 1, 1, 0),
@@ -336,36 +405,28 @@ def test_explanation_stability_by_hand():
         return x
 
     model = linear_pixel_model(RED_SUM_MODEL)
-    result = explanation_stability(
-        model, RedChannelExplainer(), loader_of(images, torch.tensor([0, 0])), swap_middle, "cpu",
-        top=0.5,
-    )
-    assert result["spearman"] == pytest.approx((0.8 + 1.0) / 2)
-    assert result["top_intersection"] == pytest.approx((0.5 + 1.0) / 2)
-    assert result["spearman_undefined"] == 0.0
+    scores = scores_of(model, RedChannelExplainer(), swap_middle, images, torch.tensor([0, 0]))
+    assert scores["spearman"].tolist() == pytest.approx([0.8, 1.0])  # both defined: mean 0.9
+    assert scores["top_intersection"].tolist() == pytest.approx([0.5, 1.0])
 
 
 def test_explanation_stability_explains_the_predicted_class_on_both_images():
     # the model predicts class 0 (sum r > 0); the labels say 1
     images = torch.rand(2, 3, 2, 2)
     explainer = FixedExplainer({0: MAP_A.view(2, 2), 1: MAP_B.view(2, 2)})
-    result = explanation_stability(
-        linear_pixel_model(RED_SUM_MODEL), explainer, loader_of(images, torch.tensor([1, 1])),
-        lambda x, y: x, "cpu",
-    )
+    scores = scores_of(linear_pixel_model(RED_SUM_MODEL), explainer, lambda x, y: x, images,
+                       torch.tensor([1, 1]), top=0.1)
     assert explainer.targets == [[0, 0], [0, 0]]
-    assert result["spearman"] == pytest.approx(1.0) and result["top_intersection"] == 1.0
+    assert scores["spearman"].tolist() == pytest.approx([1.0, 1.0])
+    assert scores["top_intersection"].tolist() == [1.0, 1.0]
 
 
 def test_constant_maps_are_left_out_of_the_spearman_mean():
-    images = torch.rand(2, 3, 2, 2)
-    images[1, 0] = 0.5  # constant red channel -> constant map
-    result = explanation_stability(
-        linear_pixel_model(RED_SUM_MODEL), RedChannelExplainer(),
-        loader_of(images, torch.tensor([0, 0])), lambda x, y: x, "cpu",
-    )
-    assert result["spearman"] == pytest.approx(1.0)
-    assert result["spearman_undefined"] == 0.5
+    maps = torch.rand(2, 2, 2)
+    maps[1] = 0.5  # a constant map: Spearman is undefined for that image
+    scores = stability_scores(maps, maps.clone(), 0.1)
+    assert scores["spearman"].tolist() == pytest.approx([1.0])  # one of the two images scored
+    assert scores["top_intersection"].tolist() == [1.0, 1.0]
 
 
 # ---------------------------------------------------------------------------- alignment
@@ -397,23 +458,64 @@ def test_alignment_upsamples_bilinearly():
     assert mass.item() == pytest.approx(0.875)
 
 
-def test_explanation_alignment_over_a_loader():
+def test_explanation_alignment_explains_the_true_class():
     images = torch.rand(2, 3, 4, 4)
     masks = torch.zeros(2, 1, 4, 4)
     masks[0, ..., :2] = 1.0  # image 0: left half, hit and 0.875 (see above)
     masks[1, ..., 2:] = 1.0  # image 1: right half, miss and 0.125
-    explainer = FixedExplainer({1: torch.tensor([[1.0, 0.0], [1.0, 0.0]])})
-    result = explanation_alignment(
-        linear_pixel_model(RED_SUM_MODEL), explainer,
-        loader_of(images, torch.tensor([1, 1]), masks), "cpu",
-    )
-    assert explainer.targets == [[1, 1]]  # the true class (the model predicts 0)
-    assert result == pytest.approx({"pointing_game": 0.5, "mass_in_mask": 0.5, "empty": 0.0})
+    explainer = FixedExplainer({0: MAP_CLASS_0, 1: torch.tensor([[1.0, 0.0], [1.0, 0.0]])})
+    scores = scores_of(linear_pixel_model(RED_SUM_MODEL), explainer, lambda x, y: x, images,
+                       torch.tensor([1, 1]), masks)
+    # the predicted class (0) on x and x' for Comp/Suff and stability, then the true class
+    assert explainer.targets == [[0, 0], [0, 0], [1, 1]]
+    assert scores["pointing_game"].tolist() == [True, False]
+    assert scores["mass_in_mask"].tolist() == pytest.approx([0.875, 0.125])  # mean 0.5
 
 
-def test_explanation_alignment_needs_masks():
-    with pytest.raises(EgatError, match="mask"):
-        explanation_alignment(
-            linear_pixel_model(RED_SUM_MODEL), RedChannelExplainer(),
-            loader_of(torch.rand(1, 3, 2, 2), torch.tensor([0])), "cpu",
-        )
+def test_no_masks_no_alignment_scores():
+    scores = scores_of(linear_pixel_model(RED_SUM_MODEL), RedChannelExplainer(), lambda x, y: x,
+                       torch.rand(1, 3, 2, 2), torch.tensor([0]))
+    assert "pointing_game" not in scores and "mass_in_mask" not in scores
+    assert {"aacc", "comp", "suff", "spearman", "top_intersection"} <= set(scores)
+
+
+# ---------------------------------------------------------------------------------- cue
+
+
+def test_cue_scores_by_hand():
+    # cue = label for images 0, 1 (right, wrong); images 2-4 have a misleading cue: 2 follows it,
+    # 3 is right, 4 is neither
+    labels = torch.tensor([0, 1, 0, 1, 2])
+    cue = torch.tensor([0, 1, 2, 0, 1])
+    pred = torch.tensor([0, 2, 2, 1, 0])
+    scores = cue_scores(pred, labels, cue)
+    assert scores["cacc_cue_match"].tolist() == [True, False]
+    assert scores["cacc_cue_mismatch"].tolist() == [False, True, False]
+    assert scores["cue_follow"].tolist() == [True, False, False]
+
+
+# ----------------------------------------------------------------- evaluation and catalog
+
+
+def test_evaluate_domain_writes_the_catalog_metrics_and_their_counts():
+    """One domain of tiny images with masks, cues and cue-free renders: every metric of
+    egat/metrics/catalog.py, in its unit, plus the image counts and Comp/Suff's sd."""
+    from tests.helpers import tiny_classifier
+
+    torch.manual_seed(0)
+    images, labels = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    batches = loader_of(images, labels, (torch.rand(6, 1, 8, 8) > 0.5).float(), batch_size=4)
+    for start, batch in zip((0, 4), batches):
+        batch["cue"] = torch.tensor([0, 2, 2, 1, 1, 0])[start : start + len(batch["label"])]
+        batch["index"] = torch.arange(start, start + len(batch["label"]))
+    cue_free = [{"image": b["image"].flip(-1)} for b in batches]
+    params = params_from_dict({"eval": {"attack": {"steps": 1}, "faithfulness": {"ks": [10, 50]}}})
+    out = evaluate_domain(tiny_classifier(), params, batches, "cpu", cue_free, torch.tensor([1, 2, 5]))
+    assert set(out) == {*METRIC_NAMES, "comp_sd", "suff_sd", "n", "n_costly", "n_cue_mismatch"}
+    assert (out["n"], out["n_costly"], out["n_cue_mismatch"]) == (6, 3, 3)  # cue != label: 1, 3, 5
+    # percentages of 6 images, of the 3 costly ones, of the 3 whose cue misleads
+    for name, count in (("cacc", 6), ("object_erased_cacc", 6), ("cue_free_cacc", 6),
+                        ("aacc", 3), ("cue_follow", 3), ("cacc_cue_match", 3)):
+        assert out[name] * count / 100 == pytest.approx(round(out[name] * count / 100))
+    assert 0 <= out["pointing_game"] <= 1 and -1 <= out["spearman"] <= 1
+

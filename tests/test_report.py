@@ -17,17 +17,15 @@ import pytest
 
 from egat.errors import EgatError
 from egat.report import (
-    Stats,
     build_report,
     explanation_table,
-    interval_ranks,
-    over_seeds,
     find_eval_files,
     in_domain_table,
     load_runs,
     ood_table,
     sweep_plot_data,
 )
+from egat.stats import Stats, interval_ranks, over_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "egat" / "report_assets"
@@ -182,6 +180,21 @@ def test_interval_of_two_seeds_counts_seeds_and_test_images(results):
     images = 1.96 * ((80 * 20 / 100 + 84 * 16 / 100) / 2) ** 0.5  # z * sqrt(mean p (100 - p) / n)
     assert stats.half.loc["erm", ("grass", "cacc")] == pytest.approx((seeds**2 + images**2) ** 0.5,
                                                                      rel=1e-4)
+
+
+def test_test_set_variance_of_each_metric_counts_its_own_images():
+    """p (100 - p) / N with N the images the metric is a mean over: all n, the costly subset, the
+    images whose cue misleads (or matches); sd^2 / N for Comp; no term for rank scores."""
+    from egat.report import test_variances
+
+    m = {"n": 100, "n_costly": 20, "n_cue_mismatch": 25, "cacc": 80.0, "aacc": 50.0,
+         "comp": 10.0, "comp_sd": 4.0, "suff": 5.0, "spearman": 0.5, "cue_follow": 40.0,
+         "cacc_cue_mismatch": 20.0, "cacc_cue_match": 60.0, "object_erased_cacc": 30.0}
+    assert test_variances(m) == pytest.approx({
+        "cacc_var": 80 * 20 / 100, "aacc_var": 50 * 50 / 20, "comp_var": 4**2 / 20,
+        "object_erased_cacc_var": 30 * 70 / 100, "cue_follow_var": 40 * 60 / 25,
+        "cacc_cue_mismatch_var": 20 * 80 / 25, "cacc_cue_match_var": 60 * 40 / 75})
+    assert test_variances({**m, "n": 0}) == {}
 
 
 def test_one_seed_interval_is_the_test_sets_alone():

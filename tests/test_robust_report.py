@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from egat.report import build_report
-from egat.report import Stats, in_domain_table, load_runs, find_eval_files
+from egat.report import build_report, find_eval_files, in_domain_table, load_runs
 from egat.robust_report import add_aa_column, build_robust_report, failed_checks, load_robust
+from egat.stats import Stats
 from tests.test_report import METHODS, SEEDS, TRAIN_DOMAINS, write_runs
 
 
@@ -96,3 +96,20 @@ def test_no_robust_json_leaves_table1_as_it_was(tmp_path):
     assert load_robust(evals).empty and build_robust_report(evals, tmp_path / "out") == []
     build_report(evals, tmp_path / "out", methods_order=METHODS)
     assert "AA" not in (tmp_path / "out" / "table1_in_domain.md").read_text()
+
+
+def test_the_statistics_sit_below_both_reports():
+    """egat.stats imports neither report, and robust_report does not import report (which imports
+    it): no import circle between the three."""
+    import ast
+
+    import egat.robust_report
+    import egat.stats
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | {
+            alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+
+    assert not imported(egat.stats) & {"egat.report", "egat.robust_report"}
+    assert "egat.report" not in imported(egat.robust_report)

@@ -1,39 +1,23 @@
-"""Clean and adversarial top-1 accuracy (cAcc, aAcc; docs/method.md, Metrics), streamed over a DataLoader.
-
-Also home of :func:`iterate_batches`, the batch stream every metric in this package reads.
-"""
+"""Clean and adversarial top-1 accuracy (cAcc, aAcc; docs/method.md, Metrics)."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from egat.attacks.base import model_mode
+from egat.metrics.stream import accumulate
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def iterate_batches(
-    loader: Iterable[Mapping[str, object]], device: torch.device | str, max_examples: int = 0
-) -> Iterator[dict[str, torch.Tensor]]:
-    """The loader's dict batches with their tensors on ``device``, at most ``max_examples`` images
-    in all (0 = every batch; the last batch is cut to fit). Non-tensor entries are dropped.
-    """
-    seen = 0
-    for batch in loader:
-        take = len(batch["image"])
-        if max_examples:
-            take = min(take, max_examples - seen)
-        yield {
-            key: value[:take].to(device, non_blocking=True)
-            for key, value in batch.items()
-            if isinstance(value, torch.Tensor)
-        }
-        seen += take
-        if max_examples and seen >= max_examples:
-            return
+def correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image (B,) bool: is the model's top-1 class on ``images`` the label? (No gradients;
+    the model is used in its current mode.) On ``attack(images, labels)`` this is aAcc's score."""
+    with torch.no_grad():
+        return model(images).argmax(1) == labels
 
 
 def evaluate_accuracy(
@@ -62,41 +46,16 @@ def evaluate_accuracy(
     attacks = dict(attacks or {})
     if "clean" in attacks:
         raise ValueError("evaluate_accuracy: 'clean' is reserved for the clean accuracy")
-    correct = dict.fromkeys(["clean", *attacks], 0)
-    total = 0
+
+    def score(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, labels = batch["image"], batch["label"]
+        scores = {"clean": correct(model, images, labels)}
+        for name, attack in attacks.items():
+            scores[name] = correct(model, attack(images, labels), labels)
+        return scores
+
     with model_mode(model, "eval"):
-        for batch in iterate_batches(loader, device, max_examples):
-            images, labels = batch["image"], batch["label"]
-            with torch.no_grad():
-                correct["clean"] += int((model(images).argmax(1) == labels).sum())
-            for name, attack in attacks.items():
-                adversarial = attack(images, labels)
-                with torch.no_grad():
-                    correct[name] += int((model(adversarial).argmax(1) == labels).sum())
-            total += len(labels)
-    if total == 0:
+        sums = accumulate(loader, device, score, max_examples)
+    if not sums.counts.get("clean"):
         raise ValueError("evaluate_accuracy: the loader yielded no examples")
-    return {name: 100.0 * count / total for name, count in correct.items()}
-
-
-def clean_accuracy(
-    model: nn.Module,
-    loader: Iterable[Mapping[str, object]],
-    device: torch.device | str,
-    max_examples: int = 0,
-) -> float:
-    """cAcc (%): top-1 accuracy on clean images. See :func:`evaluate_accuracy`."""
-    return evaluate_accuracy(model, loader, device, max_examples=max_examples)["clean"]
-
-
-def adversarial_accuracy(
-    model: nn.Module,
-    loader: Iterable[Mapping[str, object]],
-    attack: AttackFn,
-    device: torch.device | str,
-    max_examples: int = 0,
-) -> float:
-    """aAcc (%): top-1 accuracy on ``attack(x, y)``. See :func:`evaluate_accuracy`."""
-    return evaluate_accuracy(model, loader, device, {"adversarial": attack}, max_examples)[
-        "adversarial"
-    ]
+    return {name: 100.0 * sums.sums[name] / sums.counts[name] for name in sums.sums}

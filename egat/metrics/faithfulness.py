@@ -10,7 +10,8 @@ averaged over k, then over images, times 100. Higher comp and lower suff are bet
 Pixels are ranked by the explanation of c upsampled (bilinear) to the image size; a "pixel" is a
 spatial position, all channels together.
 
-Also home of the ranking helpers the stability and alignment metrics share.
+Also home of the ranking helpers the stability and alignment metrics share, and of the accuracy
+with the object erased (:func:`object_erased_correct`, the same baselines).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
 from egat.attacks.base import model_mode
-from egat.metrics.accuracy import iterate_batches
+from egat.metrics.accuracy import correct
+from egat.metrics.stream import accumulate
 
 Baseline = Literal["black", "blur", "mean"]
 
@@ -155,36 +157,49 @@ def faithfulness(
     """
     if baseline not in ("black", "blur", "mean"):
         raise ValueError(f"faithfulness: baseline must be 'black', 'blur' or 'mean', got {baseline!r}")
-    comp_sum = torch.zeros(len(ks), dtype=torch.float64)
-    suff_sum = torch.zeros(len(ks), dtype=torch.float64)
-    total = 0
+
+    def score(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images = batch["image"]
+        with torch.no_grad():
+            probs = model(images).softmax(1)
+        target = probs.argmax(1)
+        maps = explainer.attribute(images, target)
+        comp, suff = erasure_scores(
+            model,
+            images,
+            maps,
+            target,
+            ks,
+            baseline,
+            clean_prob=probs[torch.arange(len(target)), target],
+            blur_sigma=blur_sigma,
+            forward_batch=forward_batch,
+        )
+        # Row i is k = ks[i]; float32 scores, so each batch sums in float32 (validation's
+        # val/comp as it has always been computed).
+        return {**{f"comp{i}": row for i, row in enumerate(comp)},
+                **{f"suff{i}": row for i, row in enumerate(suff)}}
+
     with model_mode(model, "eval"):
-        for batch in iterate_batches(loader, device, max_examples):
-            images = batch["image"]
-            with torch.no_grad():
-                probs = model(images).softmax(1)
-            target = probs.argmax(1)
-            maps = explainer.attribute(images, target)
-            comp, suff = erasure_scores(
-                model,
-                images,
-                maps,
-                target,
-                ks,
-                baseline,
-                clean_prob=probs[torch.arange(len(target)), target],
-                blur_sigma=blur_sigma,
-                forward_batch=forward_batch,
-            )
-            comp_sum += comp.sum(1).double().cpu()
-            suff_sum += suff.sum(1).double().cpu()
-            total += len(images)
+        sums = accumulate(loader, device, score, max_examples)
+    total = sums.counts.get("comp0", 0)
     if total == 0:
         raise ValueError("faithfulness: the loader yielded no examples")
-    comp_k = (100 * comp_sum / total).tolist()
-    suff_k = (100 * suff_sum / total).tolist()
+    comp_k = [100 * sums.sums[f"comp{i}"] / total for i in range(len(ks))]
+    suff_k = [100 * sums.sums[f"suff{i}"] / total for i in range(len(ks))]
     result = {"comp": sum(comp_k) / len(ks), "suff": sum(suff_k) / len(ks)}
     for k, comp_value, suff_value in zip(ks, comp_k, suff_k):
         result[f"comp_k{k:g}"] = comp_value
         result[f"suff_k{k:g}"] = suff_value
     return result
+
+
+def object_erased_correct(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+    baseline: Baseline = "black",
+) -> torch.Tensor:
+    """Per image (B,) bool: is the prediction still the label with the object's pixels (``masks``
+    (B, 1, H, W) in {0, 1}) replaced by the erasure ``baseline`` (:func:`baseline_fill`)?"""
+    with torch.no_grad():
+        erased = torch.where(masks.bool(), baseline_fill(images, baseline), images)
+    return correct(model, erased, labels)
