@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from egat.config import Params, apply_overrides, params_from_dict
+from egat.config import Params, all_variants, apply_overrides, params_from_dict
 from egat.errors import EgatError
 from egat.run_layout import VARIANTS
 from egat.seeding import seeded_scope
@@ -35,12 +35,11 @@ from egat.stats import over_seeds
 
 def variant_params(params: Params, name: str) -> tuple[Params, str]:
     """(params of variant ``name`` with its overrides and run folder, its method)."""
+    variants = all_variants(params)
     try:
-        variant = params.studies.variants[name]
+        variant = variants[name]
     except KeyError:
-        raise EgatError(
-            f"unknown variant {name!r}; valid: {', '.join(sorted(params.studies.variants))}"
-        ) from None
+        raise EgatError(f"unknown variant {name!r}; valid: {', '.join(sorted(variants))}") from None
     raw = apply_overrides(params.model_dump(mode="json"),
                           [f"{k}={json.dumps(v)}" for k, v in variant.overrides.items()])
     raw["train"]["out_dir"] = str(Path(params.train.out_dir) / VARIANTS)
@@ -49,7 +48,7 @@ def variant_params(params: Params, name: str) -> tuple[Params, str]:
 
 def run_params_of(params: Params, name: str) -> tuple[Params, str, Path]:
     """(params, method, runs root) of a named run: a variant or a study method."""
-    if name in params.studies.variants:
+    if name in all_variants(params):
         cell, method = variant_params(params, name)
         return cell, method, Path(cell.train.out_dir)
     return params, name, Path(params.train.out_dir)
@@ -313,7 +312,7 @@ def build_studies(params: Params, evals_dir: str | Path = "evals", out_dir: str 
     returns {"files": [...], "metrics": {...}} for MLflow."""
     st = params.studies
     out = Path(out_dir)
-    order = list(params.study.methods) + sorted(st.variants)
+    order = list(params.study.methods) + sorted(all_variants(params))
     results = load_study_results(evals_dir, order)
     caption = seeds_caption(results)
     files: list[Path] = []

@@ -205,7 +205,7 @@ def test_onecycle_lr_is_the_linear_triangle_of_fast_at():
 
     param = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.Adam([param], lr=1.0)
-    assert lr_scheduler(optimizer, TrainParams(lr=1.0)) is None  # constant: no scheduler
+    assert lr_scheduler(optimizer, TrainParams(lr=1.0, lr_schedule="constant")) is None  # no scheduler
     scheduler = lr_scheduler(optimizer, TrainParams(steps=10, lr=1.0, lr_schedule="onecycle",
                                                     lr_peak=0.4))
     seen = []

@@ -111,7 +111,7 @@ def test_trial_params_set_the_lambdas_budget_and_validation(objective, val_metri
     })
     trial = trial_params(params, {"lambda_adv": 2.5, "lambda_sparse": 0.05})
     cfg = trial.method_config("egat")
-    assert (cfg.lambda_adv, cfg.lambda_sparse, cfg.lambda_egl) == (2.5, 0.05, 1.0)
+    assert (cfg.lambda_adv, cfg.lambda_sparse, cfg.lambda_egl) == (2.5, 0.05, 10.0)
     t = trial.train
     assert (t.method, t.steps, t.eval_every, t.checkpoint_every) == ("egat", 12, 4, 4)
     assert (t.val_batches, t.val_metrics, t.workers, t.progress) == (3, val_metrics, 2, False)
@@ -144,9 +144,11 @@ def test_search_algorithms_and_schedulers():
     assert isinstance(alg, OptunaSearch) and limit == 3
     alg, limit = make_search(TuneParams(search="random"), 3)
     assert isinstance(alg, BasicVariantGenerator) and limit is None
-    asha = make_scheduler(TuneParams(), steps=40, eval_every=5)
+    asha = make_scheduler(TuneParams(grace_period=None), steps=40, eval_every=5)  # steps / 4
     assert isinstance(asha, ASHAScheduler) and asha._time_attr == "step"
     assert asha._max_t == 40 and [m for m, _ in asha._brackets[0]._rungs] == [40, 20, 10]
+    asha = make_scheduler(TuneParams(), steps=400, eval_every=100)  # the study's: a rung at 100
+    assert [m for m, _ in asha._brackets[0]._rungs] == [400, 200, 100]
     assert isinstance(make_scheduler(TuneParams(scheduler="none"), 40, 5), FIFOScheduler)
 
 

@@ -24,9 +24,10 @@ from egat.data.guides import guide_at
 from egat.explain import build_explainer
 from egat.methods.base import LossOutput, Method, MethodConfig, distance, method_registry
 
-# Presets of (lambda_adv, lambda_egl, lambda_mix, lambda_sparse, mix_alpha); docs/method.md, Objective says why.
+# Presets of (lambda_adv, lambda_egl, lambda_mix, lambda_sparse, mix_alpha); docs/method.md, Objective
+# says why. default: the study's (lambda_egl 10, docs/protocol.md); paper: the paper's weights.
 PRESETS = {
-    "default": dict(lambda_adv=6.0, lambda_egl=1.0, lambda_mix=1.0, lambda_sparse=0.2, mix_alpha=0.2),
+    "default": dict(lambda_adv=6.0, lambda_egl=10.0, lambda_mix=1.0, lambda_sparse=0.2, mix_alpha=0.2),
     "paper": dict(lambda_adv=0.5, lambda_egl=1.0, lambda_mix=1.0, lambda_sparse=1.0, mix_alpha=0.2),
 }
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from egat import io
-from egat.config import Params, TrainParams
+from egat.config import RUNTIME_KEYS, Params, TrainParams
 from egat.data import DomainDataset, read_splits
 from egat.data.guides import cue_free_guides_root, images_digest
 from egat.data.splits import cue_free_root
@@ -39,9 +39,6 @@ from egat.train.sampler import StepBatchSampler
 
 log = logging.getLogger(__name__)
 LAST, BEST, METRICS, TIMING = "last.pt", "best.pt", "train_metrics.json", "train_timing.json"
-# Keys that choose where and how a run executes, not what it computes: a run resumes across them.
-RUNTIME_KEYS = ("progress", "out_dir", "num_threads", "backend", "max_failures", "storage_path",
-                "resources_per_worker", "resume", "label_selector", "min_workers")
 MODEL_CHECKPOINT = f"a model checkpoint written by egat train (a run's {BEST})"
 # on_report(step, metrics, checkpointed): called on every rank after a validation or a checkpoint.
 ReportHook = Callable[[int, dict[str, float], bool], None]
