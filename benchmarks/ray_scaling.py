@@ -43,7 +43,7 @@ def main() -> None:
 
     from egat import stages
     from egat.config import params_from_dict
-    from egat.train import distributed
+    from egat.train import cluster
     from egat.train.launch import fit
 
     os.environ.pop("RAY_ADDRESS", None)  # the private local cluster: figures for this machine
@@ -75,7 +75,7 @@ def main() -> None:
     record("local (in process)", 1, result, time.perf_counter() - started)
 
     started = time.perf_counter()
-    distributed.connect()
+    cluster.connect()
     ray_init_s = time.perf_counter() - started
     for workers in args.workers:
         raw = params.model_dump(mode="json")

@@ -125,22 +125,12 @@ def _set(raw: dict, dotted: str, value: Any) -> None:
 
 
 def max_concurrency(params: Params) -> int:
-    """Trials that can run at once: the cluster's capacity in workers / workers per trial,
-    bounded by ``tune.max_concurrent_trials`` (0 = no other bound)."""
-    from egat.train import distributed
+    """Trials that can run at once: the cluster's capacity in workers / workers per trial (and
+    each trial's driver CPUs), bounded by ``tune.max_concurrent_trials`` (0 = no other bound)."""
+    from egat.train import cluster
 
-    probe = trial_params(params, {})
-    use_gpu = distributed.resolve_use_gpu(probe)
-    per_worker = distributed.worker_resources(use_gpu, probe.train.resources_per_worker)
-    distributed.check_resources(probe.train.workers, per_worker, what="tune workers per trial")
-    fits = distributed.cluster_capacity(per_worker) // probe.train.workers
-    driver_cpus = params.tune.trial_driver_cpus
-    if driver_cpus:  # each trial's driver takes CPUs of its own
-        import ray
-
-        total = (ray.cluster_resources() if ray.is_initialized() else {}).get("CPU", os.cpu_count())
-        per_trial = per_worker.get("CPU", 0.0) * probe.train.workers + driver_cpus
-        fits = min(fits, int(total // per_trial))
+    fits = cluster.runs_that_fit(trial_params(params, {}), what="tune workers per trial",
+                                 driver_cpus=params.tune.trial_driver_cpus)
     want = params.tune.max_concurrent_trials
     return max(1, min(fits, want) if want else fits)
 
@@ -197,20 +187,20 @@ def run_search(
     from egat.tracking.mlflow_tracker import (
         ensure_experiment, flatten, git_commit, mark_orphans_killed, owner_tags, tracking_uri,
     )
-    from egat.train import distributed
+    from egat.train import cluster
 
     tp = params.tune
     space = search_space(tp)  # an empty space fails here, before Ray starts
-    storage = distributed.storage_path(params)
+    storage = cluster.storage_path(params)
     previous = resumable_search(storage, tp.name, params, samples) if resume else None
     num_samples = previous["num_samples"] if previous else samples or tp.num_samples
     probe = trial_params(params, {k: _midpoint(tp, k) for k in space})  # bad keys fail here
     steps = probe.train.steps
     make_search(tp, 1)  # a missing optuna fails here
     check_objective(params)  # an objective the data cannot compute fails here
-    if not os.environ.get("RAY_ADDRESS", "").strip():
+    if not cluster.ray_address():
         max_concurrency(params)  # too many workers per trial for this machine: fail before Ray
-    distributed.check_cluster(probe)  # placement and every node's access to the storage
+    cluster.check_cluster(probe)  # placement and every node's access to the storage
     concurrency = max_concurrency(params)
     cwd = os.getcwd()
     name = previous["name"] if previous else f"{tp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -278,7 +268,7 @@ def run_search(
             # with them: free the placement groups those leave behind.
             for _ in range(6):
                 time.sleep(0.5)
-                distributed.reap_orphan_placement_groups()
+                cluster.reap_orphan_placement_groups()
         result = _summarise(grid, params, name, parent_id, out)
         _log_parent(client, parent_id, result)
         _write_search_file(path, {**state, "finished": True})
@@ -402,14 +392,15 @@ def _midpoint(tp: TuneParams, key: str) -> float:
 
 
 def _summarise(grid, params: Params, name: str, parent_id: str, out) -> SearchResult:
+    from egat.train.ray_train import VAL_REPORTS
+
     tp = params.tune
+    shown = ("step", *VAL_REPORTS, "objective")  # what the workers reported
     trials = []
     for res in grid:
         m = res.metrics or {}
         row = {"trial_id": m.get("trial_id", ""), **{k: res.config.get(k) for k in tp.searched()}}
-        row.update({k: m.get(k) for k in ("step", "val_cacc", "val_aacc", "val_comp", "val_cue_free_cacc",
-                                          "objective")
-                    if k in m})
+        row.update({k: m.get(k) for k in shown if k in m})
         row["error"] = str(res.error).splitlines()[0] if res.error else ""
         trials.append(row)
     ok = [t for t in trials if not t["error"] and isinstance(t.get("objective"), (int, float))]
@@ -418,9 +409,7 @@ def _summarise(grid, params: Params, name: str, parent_id: str, out) -> SearchRe
         raise EgatError(f"tune {name}: no trial finished ({errors})")
     best = grid.get_best_result(metric="objective", mode="max", scope="last")
     best_config = {k: float(best.config[k]) for k in tp.searched()}
-    best_metrics = {k: v for k, v in (best.metrics or {}).items()
-                    if k in ("step", "val_cacc", "val_aacc", "val_comp", "val_cue_free_cacc", "objective",
-                             "trial_id")}
+    best_metrics = {k: v for k, v in (best.metrics or {}).items() if k in (*shown, "trial_id")}
     path = Path(out or tp.best_params_file)
     header = (f"best of {len(trials)} trials of search {name} (MLflow parent run {parent_id}): "
               f"{tp.objective} = {best_metrics.get('objective', float('nan')):.2f}")

@@ -4,7 +4,9 @@ MLflow run per trial nested under the search's parent run.
 Tune pickles its callbacks into the experiment folder and a resumed search (``Tuner.restore``)
 gets them back from there (https://docs.ray.io/en/latest/tune/api/doc/ray.tune.Tuner.restore.html),
 so the callback holds plain values only; it finds the parent run (the RUNNING one of this
-process) and each trial's run (by key) in the store, which a resume carries over.
+process) and each trial's run (by key) in the store, which a resume carries over. The pickle
+names the class by this module's path, which therefore stays put (a search killed before a
+change of the code resumes after it).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import time
 from ray.tune import Callback
 
 from egat.tracking.mlflow_tracker import owner_tags, retry_locked
+from egat.train.ray_train import REPORT_NAMES
 
-REPORTED = ("val_cacc", "val_aacc", "val_comp", "val_cue_free_cacc", "objective", "train_loss", "train_acc",
-            "best_val_acc")
+REPORTED = (*REPORT_NAMES.values(), "objective")  # what a trial's MLflow run logs of its reports
 
 
 def parent_key(search: str) -> str:
@@ -87,7 +89,7 @@ class MlflowTrialCallback(Callback):
         # A stopped trial's Train controller dies with it and leaks its workers' placement
         # group when the cluster has no State API: free those every few seconds.
         if time.monotonic() - self.reaped_at > 5.0:
-            from egat.train.distributed import reap_orphan_placement_groups
+            from egat.train.cluster import reap_orphan_placement_groups
 
             reap_orphan_placement_groups()
             self.reaped_at = time.monotonic()

@@ -29,6 +29,7 @@ import torch
 
 from egat.config import Params, params_from_dict
 from egat.errors import EgatError
+from tests.faults import WorkerFault
 from tests.helpers import (
     last_model, prepared, ray_test_env, tracked_fit, train_ranks, wait_for_server,
 )
@@ -169,17 +170,17 @@ def two_nodes(tiny, env, cluster, tracking):
     return tracked_fit(tiny, env / "runs" / "two-nodes")
 
 
-def train_losing_a_node(params: Params, run_dir: Path, cluster, fault: dict,
+def train_losing_a_node(params: Params, run_dir: Path, cluster, fault: WorkerFault,
                         replace: bool) -> tuple:
     """``params`` trains in a thread while the worker that ``fault`` makes hang (after the step-4
     checkpoint) has its node SIGKILLed, as a spot instance reclaimed without notice; with
     ``replace`` a replacement spot node joins. Returns (result, MLflow run id, what was seen)."""
-    marker = Path(fault["marker"])
+    marker = Path(fault.marker)
     out: dict = {}
 
     def train() -> None:
         try:
-            out["run"] = tracked_fit(params, run_dir, fault=fault)
+            out["run"] = tracked_fit(params, run_dir, on_report=fault)
         except BaseException as exc:  # re-raised below
             out["error"] = exc
 
@@ -187,7 +188,7 @@ def train_losing_a_node(params: Params, run_dir: Path, cluster, fault: dict,
     trainer = threading.Thread(target=train, daemon=True)
     trainer.start()
     while not marker.exists() and trainer.is_alive():
-        assert time.monotonic() - started < 900, f"no worker reached step {fault['step']}"
+        assert time.monotonic() - started < 900, f"no worker reached step {fault.step}"
         time.sleep(0.2)
     assert "error" not in out, out.get("error")
     # Ray Train V2 registers a reported checkpoint when its controller next polls the workers, not
@@ -216,7 +217,7 @@ def train_losing_a_node(params: Params, run_dir: Path, cluster, fault: dict,
 def node_loss(tiny, env, cluster, tracking, two_nodes):
     """Rank 1 hangs at step 6 (after the step-4 checkpoint); its node is then SIGKILLed, as a spot
     instance reclaimed without notice, and a replacement spot node joins."""
-    fault = {"step": 6, "rank": 1, "marker": str(env / "hang.marker"), "action": "hang"}
+    fault = WorkerFault(step=6, rank=1, marker=env / "hang.marker", action="hang")
     return train_losing_a_node(with_train(tiny, max_failures=1), env / "runs" / "lost", cluster,
                                fault, replace=True)
 
@@ -399,8 +400,8 @@ def test_an_elastic_run_continues_on_the_workers_left_after_a_node_loss(
 
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
     params = with_train(tiny, min_workers=1, max_failures=1, label_selector={})
-    fault = {"step": 6, "node_labels": {NODE: "spot"}, "marker": str(env / "elastic.marker"),
-             "action": "hang"}
+    fault = WorkerFault(step=6, node_labels={NODE: "spot"}, marker=env / "elastic.marker",
+                        action="hang")
     try:
         result, run_id, seen = train_losing_a_node(params, env / "runs" / "elastic", cluster,
                                                    fault, replace=False)

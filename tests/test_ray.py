@@ -24,8 +24,9 @@ import yaml
 
 from egat.config import Params, params_from_dict
 from egat.errors import EgatError
-from egat.train import distributed
+from egat.train import cluster, ray_train
 from egat.train.launch import choose_backend, fit
+from tests.faults import WorkerFault
 from tests.helpers import (RAY_ENV, last_model, mlflow_metrics, prepared, ray_test_env,
                            tracked_fit)
 
@@ -145,9 +146,9 @@ def test_a_ray_address_that_is_not_a_ray_cluster_fails_within_seconds(tmp_path, 
     try:
         started = time.perf_counter()
         with pytest.raises(EgatError, match="is not a Ray cluster .it sent nothing back"):
-            distributed.check_address(f"127.0.0.1:{silent.getsockname()[1]}", timeout=1)
+            cluster.check_address(f"127.0.0.1:{silent.getsockname()[1]}", timeout=1)
         with pytest.raises(EgatError, match="is not a Ray cluster .it answered b'"):
-            distributed.check_address(address)
+            cluster.check_address(address)
         assert time.perf_counter() - started < 5
         monkeypatch.setenv("RAY_ADDRESS", address)
         with pytest.raises(SystemExit) as exit_:
@@ -167,36 +168,109 @@ def test_a_ray_address_that_is_not_a_ray_cluster_fails_within_seconds(tmp_path, 
 @pytest.mark.parametrize("address", ["not an address", "host-without-port", "ray://:10001"])
 def test_malformed_ray_address_is_refused(address):
     with pytest.raises(EgatError, match="RAY_ADDRESS"):
-        distributed.check_address(address)
+        cluster.check_address(address)
 
 
 def test_report_metrics_flattens_names_and_sums_the_objective():
-    got = distributed.report_metrics(4, {"val/acc": 50.0, "val/aacc": 20.0, "train/loss": 1.5},
+    got = ray_train.report_metrics(4, {"val/acc": 50.0, "val/aacc": 20.0, "train/loss": 1.5},
                                      "val_cacc+val_aacc")
     assert got == {"step": 4, "val_cacc": 50.0, "val_aacc": 20.0, "train_loss": 1.5,
                    "objective": 70.0}
-    assert "objective" not in distributed.report_metrics(4, {"val/acc": 50.0}, "val_cacc+val_aacc")
+    assert "objective" not in ray_train.report_metrics(4, {"val/acc": 50.0}, "val_cacc+val_aacc")
 
 
 def test_worker_resources_follow_rays_defaults():
-    assert distributed.worker_resources(False, {}) == {"CPU": 1.0}
-    assert distributed.worker_resources(True, {}) == {"GPU": 1.0}
-    assert distributed.worker_resources(True, {"CPU": 8}) == {"CPU": 8.0, "GPU": 1.0}
-    assert distributed.worker_resources(False, {"CPU": 2, "GPU": 0}) == {"CPU": 2.0}
+    assert cluster.worker_resources(False, {}) == {"CPU": 1.0}
+    assert cluster.worker_resources(True, {}) == {"GPU": 1.0}
+    assert cluster.worker_resources(True, {"CPU": 8}) == {"CPU": 8.0, "GPU": 1.0}
+    assert cluster.worker_resources(False, {"CPU": 2, "GPU": 0}) == {"CPU": 2.0}
 
 
 def test_run_names_are_stable_and_distinct(tmp_path):
-    a = distributed.run_name(tmp_path / "runs" / "egat" / "grass" / "seed0")
-    assert a == distributed.run_name(tmp_path / "runs" / "egat" / "grass" / "seed0")
-    assert a != distributed.run_name(tmp_path / "runs" / "egat" / "grass" / "seed1")
+    a = ray_train.run_name(tmp_path / "runs" / "egat" / "grass" / "seed0")
+    assert a == ray_train.run_name(tmp_path / "runs" / "egat" / "grass" / "seed0")
+    assert a != ray_train.run_name(tmp_path / "runs" / "egat" / "grass" / "seed1")
     assert a.startswith("egat-grass-seed0-")
 
 
 def test_storage_path_is_absolute_or_a_uri(tmp_path):
     params = with_train(params_from_dict({}), out_dir="runs")
-    assert Path(distributed.storage_path(params)).is_absolute()
+    assert Path(cluster.storage_path(params)).is_absolute()
     uri = with_train(params, storage_path="s3://bucket/egat")
-    assert distributed.storage_path(uri) == "s3://bucket/egat"
+    assert cluster.storage_path(uri) == "s3://bucket/egat"
+
+
+def test_rank_0s_tracker_pickles_without_its_client_and_counts_attempts(tmp_path, monkeypatch):
+    """What rank 0 logs through (tracking/run_tracker.py): the driver's MLflow run, by id."""
+    import pickle
+
+    from egat.tracking.mlflow_tracker import MlflowTracker
+    from egat.tracking.run_tracker import RunTracker, run_tracker_of
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run_tracker_of(None) is None
+    with MlflowTracker("test/run-tracker", {"stage": "test"}) as driver:
+        tracker = run_tracker_of(driver)
+        tracker.log_metrics({"train/loss": 1.0}, 2)  # connects
+        tracker = pickle.loads(pickle.dumps(tracker))
+        assert isinstance(tracker, RunTracker) and tracker._client is None
+        ranks = [{"rank": r, "node_id": f"node{r}" * 4} for r in range(2)]
+        tracker.log_attempt(ranks, 0)
+        tracker.log_attempt(ranks[:1], 4)
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(driver.run_id)
+    assert run.data.tags["ray.attempts"] == "2"
+    assert run.data.tags["ray.placement"] == "rank0@node0node0no"
+    history = client.get_metric_history(driver.run_id, "ray/world_size")
+    assert sorted((m.step, m.value) for m in history) == [(0, 2.0), (4, 1.0)]
+    assert client.get_metric_history(driver.run_id, "train/loss")[0].step == 2
+
+
+EGAT = Path(__file__).resolve().parents[1] / "egat"
+RAY_SIDE = ["tune.py", "tune_mlflow.py", "train/launch.py", "train/ray_train.py",
+            "train/cluster.py", "tracking/run_tracker.py"]
+
+
+def test_ray_address_is_read_in_one_place_and_no_fault_injector_ships():
+    """cluster.ray_address() is the one reader of RAY_ADDRESS; fault injection lives in tests/."""
+    import re
+
+    readers, killers = [], []
+    for path in sorted(EGAT.rglob("*.py")):
+        text = path.read_text()
+        found = re.findall(r"(?:environ\.get|getenv|environ\[)\(?\s*[\"']RAY_ADDRESS", text)
+        readers += [path.relative_to(EGAT).as_posix()] * len(found)
+        if "SIGKILL" in text:
+            killers.append(path.relative_to(EGAT).as_posix())
+    assert readers == ["train/cluster.py"]
+    assert killers == []
+
+
+@pytest.mark.parametrize("name", RAY_SIDE)
+def test_the_ray_side_uses_only_public_names_of_other_modules(name):
+    """No `from egat.x import _y` nor `module._y` on an egat module (tune.py on cluster.py's
+    interface, not its internals)."""
+    import ast
+
+    tree = ast.parse((EGAT / name).read_text())
+    modules, private = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("egat"):
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    private.append(f"{node.module}.{alias.name}")
+                modules.add(alias.asname or alias.name)  # egat.train's modules: cluster, ...
+        elif isinstance(node, ast.Import):
+            modules.update(a.asname or a.name for a in node.names if a.name.startswith("egat"))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                and not node.attr.startswith("__") and isinstance(node.value, ast.Name)
+                and node.value.id in modules):
+            private.append(f"{node.value.id}.{node.attr}")
+    assert private == []
 
 
 # ---------------------------------------------------------------------------- slow: real runs
@@ -204,7 +278,7 @@ def test_storage_path_is_absolute_or_a_uri(tmp_path):
 def ray_session(env):
     import ray
 
-    distributed.connect(num_cpus=2)
+    cluster.connect(num_cpus=2)
     yield
     ray.shutdown()
 
@@ -227,8 +301,8 @@ def ray2_run(tiny, env, ray_session):
 @pytest.fixture(scope="module")
 def ray2_killed_run(tiny, env, ray_session):
     marker = env / "killed.marker"
-    fault = {"step": 6, "rank": 1, "marker": str(marker)}  # checkpoints at 4 and 8
-    result, run_id = tracked_fit(with_train(tiny, workers=2), env / "ray2k", "ray", fault=fault)
+    fault = WorkerFault(step=6, rank=1, marker=marker)  # checkpoints at 4 and 8
+    result, run_id = tracked_fit(with_train(tiny, workers=2), env / "ray2k", "ray", on_report=fault)
     return result, run_id, marker
 
 
@@ -314,9 +388,10 @@ def test_out_of_memory_in_a_ray_worker_is_the_in_process_error_line(tiny, env, r
 
     with pytest.raises(EgatError) as local:
         Trainer(tiny, env / "oom-local", on_report=oom).fit()
-    fault = {"step": 2, "rank": 1, "marker": str(env / "oom.marker"), "action": "oom"}
+    fault = WorkerFault(step=2, rank=1, marker=env / "oom.marker", action="oom")
     with pytest.raises(EgatError) as remote:
-        fit(with_train(tiny, workers=2, max_failures=0), env / "oom-ray", backend="ray", fault=fault)
+        fit(with_train(tiny, workers=2, max_failures=0), env / "oom-ray", backend="ray",
+            on_report=fault)
     assert str(remote.value) == str(local.value)
     assert "lower train.batch_size (now 16)" in str(remote.value)
     assert "\n" not in str(remote.value) and "oom rank 1 at step 2" not in str(remote.value)

@@ -163,7 +163,7 @@ def env(tmp_path_factory):
 def ray_session(env):
     import ray
 
-    from egat.train.distributed import connect
+    from egat.train.cluster import connect
 
     connect(num_cpus=2)
     yield
@@ -235,7 +235,7 @@ def test_placement_groups_of_dead_controllers_are_freed(ray_session):
     import ray
     from ray.util import placement_group_table
 
-    from egat.train.distributed import reap_orphan_placement_groups
+    from egat.train.cluster import reap_orphan_placement_groups
 
     @ray.remote(num_cpus=0)
     class Creator:

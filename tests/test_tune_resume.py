@@ -121,19 +121,19 @@ def test_a_run_resumed_after_its_last_step_reports_its_objective_again(tmp_path)
     run only reports its summary; Tune needs the objective in that report too."""
     import ray
 
-    from egat.train import distributed
+    from egat.train import cluster, ray_train
     from egat.tune import trial_params
     from tests.helpers import ray_test_env
 
     with ray_test_env(tmp_path):
         params = trial_params(prepared(tune_params(tmp_path)), {})
-        distributed.connect(num_cpus=2)
+        cluster.connect(num_cpus=2)
         try:
-            runs = [distributed.fit_ray(params, None, name="ended", objective="val_cacc+val_aacc")
+            runs = [ray_train.fit_ray(params, None, name="ended", objective="val_cacc+val_aacc")
                     for _ in range(2)]
         finally:
             ray.shutdown()
-    first, again = (json.loads((r.run_dir / distributed.REPORT).read_text()) for r in runs)
+    first, again = (json.loads((r.run_dir / ray_train.REPORT).read_text()) for r in runs)
     assert again["final"] == 1 and again["step"] == STEPS
     assert again["objective"] == first["objective"] == first["val_cacc"] + first["val_aacc"]
     assert again["train_time_s"] <= first["train_time_s"] + 1e-6  # restored, not trained again
