@@ -48,15 +48,16 @@ from typing import Any, Mapping, Sequence
 
 from egat.config import Params, params_from_dict
 from egat.errors import EgatError
+from egat.run.device import choose_gpu
+from egat.run.layout import BEST, LAST, METRICS, RUN_FILES
 from egat.tracking import NullTracker, Tracker
 from egat.tracking.mlflow_tracker import retry_locked
-from egat.train.trainer import BEST, LAST, METRICS, TIMING, TrainResult
+from egat.train.trainer import TrainResult
 
 log = logging.getLogger(__name__)
 # Train V2 (the default since Ray 2.5x; opt-in before). Set before ray.train is imported.
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
-RUN_FILES = (LAST, BEST, METRICS, TIMING)
 # The metrics reported with a checkpoint: a run resumed after its last validation (a Tune trial
 # killed at its end) reports them again, Tune's objective included.
 REPORT = "report.json"
@@ -202,10 +203,7 @@ def resolve_use_gpu(params: Params) -> bool:
         gpus = ray.cluster_resources().get("GPU", 0)
     else:
         gpus = local_capacity({"GPU": 1})
-    want = params.train.use_gpu
-    if want == "true" and gpus < 1:
-        raise EgatError("train.use_gpu=true but the Ray cluster has no GPU; use 'auto' or 'false'")
-    return want == "true" or (want == "auto" and gpus >= 1)
+    return choose_gpu(params.train.use_gpu, gpus, "the Ray cluster has no GPU")
 
 
 def worker_resources(use_gpu: bool, resources: Mapping[str, float] | None) -> dict[str, float]:
