@@ -1,5 +1,5 @@
-"""The run layout has one home: no module but egat/run/layout.py spells a run's file or folder
-names (docstrings and comments may mention them; code asks the layout module)."""
+"""egat.run: the run layout has one home (no module but egat/run/layout.py spells a run's file or
+folder names; docstrings and comments may mention them), and one rule chooses the device."""
 
 from __future__ import annotations
 
@@ -7,6 +7,12 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+import torch
+
+from egat.config import params_from_dict
+from egat.errors import EgatError
+from egat.run.device import choose_gpu, resolve_device
 from egat.run.layout import (
     BEST, EVAL_FILE, EVALS, LAST, METRICS, ROBUST_FILE, TIMING, VARIANTS, CellFile, cell_files,
     eval_path,
@@ -72,3 +78,22 @@ def test_cell_files_finds_seed_folders_in_path_order(tmp_path):
     assert [(f.name, f.domain, f.seed) for f in cell_files(tmp_path, EVAL_FILE)] == [
         ("egat", "sand", 2), ("erm", "grass", 0), ("erm", "grass", 1)]
     assert all(isinstance(f, CellFile) and f.path.is_file() for f in cell_files(tmp_path, EVAL_FILE))
+
+
+@pytest.mark.parametrize("want, gpus, chosen", [
+    ("auto", 0, False), ("auto", 2, True), ("false", 2, False), ("true", 1, True),
+])
+def test_choose_gpu(want, gpus, chosen):
+    assert choose_gpu(want, gpus, "none here") is chosen
+
+
+def test_true_without_a_gpu_names_where_none_was_found(monkeypatch):
+    with pytest.raises(EgatError, match=r"^train.use_gpu=true but none here; use 'auto' or 'false'$"):
+        choose_gpu("true", 0, "none here")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(params_from_dict({})) == torch.device("cpu")
+    with pytest.raises(EgatError, match="no CUDA device is visible"):
+        resolve_device(params_from_dict({"train": {"use_gpu": "true"}}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(params_from_dict({})) == torch.device("cuda")
+    assert resolve_device(params_from_dict({"train": {"use_gpu": "false"}})) == torch.device("cpu")
