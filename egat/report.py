@@ -131,7 +131,8 @@ def ordered_train_domains(labels: list[str], domain_order: list[str]) -> list[st
 
 def load_runs(runs: list[RunFile], methods_order: list[str] | None = None) -> Results:
     if not runs:
-        raise EgatError(f"no {EVAL_FILE} found (expected <runs>/<method>/<domain>/seed<seed>/{EVAL_FILE})")
+        raise EgatError(
+            f"no {EVAL_FILE} found (expected <runs>/<method>/<domain>/seed<seed>/{EVAL_FILE})")
     domain_rows, sweep_rows = [], []
     for run in runs:
         d, s = eval_rows(run)

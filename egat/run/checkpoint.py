@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from egat import io
-from egat.config import Params
+from egat.config import Params, params_from_dict
 from egat.data.guides import cue_free_guides_root, images_digest
 from egat.errors import CheckpointError, EgatError
 from egat.models import Classifier, build_model
@@ -65,8 +65,6 @@ def model_checkpoint(model: Classifier, params: Params, splits: dict, **extra) -
 
 def model_from_checkpoint(path: str | Path) -> tuple[Classifier, Params, dict]:
     """(the model, its params, the checkpoint) of a ``best.pt``."""
-    from egat.config import params_from_dict
-
     path = Path(path)
     if not path.is_file():
         raise EgatError(f"checkpoint {str(path)!r} not found")
