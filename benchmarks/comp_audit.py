@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from egat import io
-from egat.run_layout import VARIANTS, cell_dir
+from egat.run.layout import BEST, VARIANTS, cell_dir
 
 BASELINES = ("black", "blur", "mean")
 
@@ -27,7 +27,7 @@ def audit_run(checkpoint: Path, domain: str) -> dict[str, float]:
     from egat.data import read_splits
     from egat.data.splits import cue_free_root
     from egat.evaluation import _loader, costly_ids, evaluate_domain
-    from egat.train.trainer import model_from_checkpoint
+    from egat.run.checkpoint import model_from_checkpoint
 
     model, params, _ = model_from_checkpoint(checkpoint)
     splits = read_splits(params.data.splits_file)
@@ -70,7 +70,7 @@ def main() -> None:
         (v, Path(args.runs) / VARIANTS) for v in args.variants]
     for name, root in names:
         for seed in args.seeds:
-            ckpt = cell_dir(root, name, args.domain, seed) / "best.pt"
+            ckpt = cell_dir(root, name, args.domain, seed) / BEST
             if ckpt.is_file():
                 rows.append({"method": name, "seed": seed, **audit_run(ckpt, args.domain)})
                 print(rows[-1], flush=True)

@@ -27,8 +27,9 @@ from egat.attacks import PGD
 from egat.config import apply_overrides, load_params, params_from_dict
 from egat.data import DomainDataset, read_splits
 from egat.metrics.accuracy import evaluate_accuracy
+from egat.run.checkpoint import model_from_checkpoint
 from egat.studies import run_params_of
-from egat.train.trainer import Trainer, model_from_checkpoint
+from egat.train.trainer import Trainer
 
 # Each variant is a run of the studies (params.yaml `studies.variants`, Fig. 3's points) plus
 # overrides of its own: (studies run name, extra overrides).

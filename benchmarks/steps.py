@@ -83,8 +83,9 @@ def loader_step(params: Params, repeats: int, warmup: int) -> list[Row]:
     """``train.method``'s step fed by the Trainer's DataLoader (prepared images, precomputed
     guides) vs the same step on the same batches held in memory."""
     from egat.data import read_splits
+    from egat.run.checkpoint import training_domains
     from egat.train.sampler import StepBatchSampler
-    from egat.train.trainer import build_dataset, training_domains
+    from egat.train.trainer import build_dataset
 
     t = params.train
     if not params.data.splits_file.is_file():

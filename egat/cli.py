@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from egat.errors import EgatError
+from egat.run.layout import BEST, EVAL_FILE, EVALS
 
 CONFIG = click.option(
     "--config", "config", default="params.yaml", show_default=True,
@@ -51,16 +52,17 @@ def train(config: str, overrides: tuple[str, ...], run_dir: str | None) -> None:
 
     Runs in this process or on Ray Train (train.backend, train.workers, RAY_ADDRESS).
     """
+    from egat.run.layout import default_run_dir
     from egat.train.launch import fit
 
     params = _params(config, overrides)
-    run_dir = run_dir or str(Path(params.train.out_dir) / params.train.method)
+    run_dir = run_dir or str(default_run_dir(params))
     result = fit(params, run_dir)
     click.echo(json.dumps(result.metrics, indent=2))
 
 
 @cli.command()
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="best.pt of a run")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help=f"{BEST} of a run")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="metrics JSON to write")
 @OVERRIDES
 def evaluate(checkpoint: str, out: str | None, overrides: tuple[str, ...]) -> None:
@@ -138,7 +140,7 @@ def train_cell(config, overrides, method, variant, domain, seed) -> None:
 def evaluate_cell(config, overrides, method, variant, domain, seed) -> None:
     """Stages `evaluate`/`variant_evaluate`: test one run on every domain, tracked in MLflow."""
     from egat import stages
-    from egat.run_layout import evals_root
+    from egat.run.layout import evals_root
 
     params, method = _cell_params(_params(config, overrides), method, variant)
     root = evals_root(variant is not None)
@@ -171,8 +173,8 @@ def robustness_cell(config, overrides, method, domain, seed) -> None:
 @cli.command()
 @CONFIG
 @OVERRIDES
-@click.option("--runs", default="evals", show_default=True,
-              help="folder of <method>/<domain>/seed<seed>/eval.json (the evaluate stage's)")
+@click.option("--runs", default=EVALS, show_default=True,
+              help=f"folder of <method>/<domain>/seed<seed>/{EVAL_FILE} (the evaluate stage's)")
 @click.option("--out", default="reports", show_default=True, help="folder the report goes to")
 def report(config, overrides, runs: str, out: str) -> None:
     """Stage `report`: tables I/II, explanation table, figures, metrics.json, plot data."""
@@ -187,7 +189,7 @@ def report(config, overrides, runs: str, out: str) -> None:
 @cli.command()
 @CONFIG
 @OVERRIDES
-@click.option("--evals", default="evals", show_default=True, help="the evaluate stages' folder")
+@click.option("--evals", default=EVALS, show_default=True, help="the evaluate stages' folder")
 @click.option("--out", default="reports", show_default=True, help="folder the study outputs go to")
 def studies(config, overrides, evals: str, out: str) -> None:
     """Stage `studies`: Tables III (sensitivity) and IV (ablation), Fig. 3 (runtime, Pareto
@@ -220,7 +222,7 @@ def tune(config: str, overrides: tuple[str, ...], samples: int | None, out: str 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--run", "run_id", default=None, help="MLflow run id of a training run")
-@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="best.pt of a run")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help=f"{BEST} of a run")
 @click.option("--explainer", default=None, help="gradcam | smoothgrad | ig | finercam "
               "(default: the checkpoint's eval.explainer)")
 @click.option("--attack", default=None, type=click.Choice(["fgsm", "mifgsm", "pgd"]),

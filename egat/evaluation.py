@@ -220,7 +220,8 @@ def evaluate_model(
 def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str] | None = None) -> dict:
     """Evaluate a best.pt with the params stored in it (``overrides`` adjust eval/data keys)."""
     from egat.config import apply_overrides, params_from_dict
-    from egat.train.trainer import model_from_checkpoint, resolve_device, training_domains
+    from egat.run.checkpoint import model_from_checkpoint, training_domains
+    from egat.run.device import resolve_device
 
     model, params, ckpt = model_from_checkpoint(checkpoint)
     if overrides:

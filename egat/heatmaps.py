@@ -17,6 +17,7 @@ import torch
 
 from egat import io
 from egat.errors import DataError, EgatError
+from egat.run.layout import BEST, CHECKPOINT_ARTIFACTS
 
 HEATMAP_WEIGHT = 0.5  # share of the colour map in an overlay
 
@@ -80,11 +81,12 @@ def checkpoint_of_run(run_id: str, dest: str | Path) -> Path:
         raise EgatError(f"MLflow run {run_id!r} does not exist in the store {redact(uri)}") from None
     try:
         local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path="checkpoint/best.pt", dst_path=str(dest)
+            run_id=run_id, artifact_path=f"{CHECKPOINT_ARTIFACTS}/{BEST}", dst_path=str(dest)
         )
     except (MlflowException, OSError):
         raise EgatError(
-            f"MLflow run {run_id!r} has no checkpoint/best.pt artifact: pass a training run's id"
+            f"MLflow run {run_id!r} has no {CHECKPOINT_ARTIFACTS}/{BEST} artifact: pass a training "
+            "run's id"
         ) from None
     return Path(local)
 
@@ -119,7 +121,7 @@ def explain_images(
     the checkpoint's ``eval.attack`` with that name) for each image file."""
     from egat.attacks import build_attack
     from egat.explain import build_explainer
-    from egat.train.trainer import model_from_checkpoint
+    from egat.run.checkpoint import model_from_checkpoint
 
     model, params, ckpt = model_from_checkpoint(checkpoint)
     model.eval()

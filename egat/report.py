@@ -14,7 +14,6 @@ seed's training domains, so their std still measures seed-to-seed spread.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from egat.errors import EgatError
 from egat.metrics.catalog import METRIC_NAMES, METRICS, TITLES, image_count
 from egat.robust_report import add_aa_column, build_robust_report
 from egat.stats import Stats, binomial_variance, interval_ranks, over_seeds
+from egat.run.layout import EVAL_FILE, VARIANTS, cell_files
 
 DIGITS = 2  # shown in the markdown tables
 CSV_DIGITS = 4
@@ -65,12 +65,7 @@ class Results:
 
 def find_eval_files(runs_dir: str | Path) -> list[RunFile]:
     """Every ``<method>/<domain>/seed<seed>/eval.json`` under ``runs_dir``, in path order."""
-    files = []
-    for path in sorted(Path(runs_dir).glob("*/*/seed*/eval.json")):
-        match = re.fullmatch(r"seed(\d+)", path.parent.name)
-        if match:
-            files.append(RunFile(path, method=path.parents[2].name, seed=int(match[1])))
-    return files
+    return [RunFile(f.path, method=f.name, seed=f.seed) for f in cell_files(runs_dir, EVAL_FILE)]
 
 
 def eval_rows(run: RunFile) -> tuple[list[dict], list[dict]]:
@@ -127,7 +122,8 @@ def ordered_train_domains(labels: list[str], domain_order: list[str]) -> list[st
 
 def load_runs(runs: list[RunFile], methods_order: list[str] | None = None) -> Results:
     if not runs:
-        raise EgatError("no eval.json found (expected <runs>/<method>/<domain>/seed<seed>/eval.json)")
+        raise EgatError(
+            f"no {EVAL_FILE} found (expected <runs>/<method>/<domain>/seed<seed>/{EVAL_FILE})")
     domain_rows, sweep_rows = [], []
     for run in runs:
         d, s = eval_rows(run)
@@ -479,8 +475,6 @@ def plot_accuracy_bars(results: Results, path: Path) -> None:
 
 def find_run_files(runs_dir: str | Path, references: list[str] = ()) -> list[RunFile]:
     """The study methods' eval files and those of the named reference variants."""
-    from egat.run_layout import VARIANTS
-
     refs = [f for f in find_eval_files(Path(runs_dir) / VARIANTS) if f.method in set(references)]
     return find_eval_files(runs_dir) + refs
 

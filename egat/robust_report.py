@@ -7,13 +7,13 @@ Reads ``<evals>/<method>/<domain>/seed<seed>/robust.json`` (egat.robustness.robu
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pandas as pd
 
 from egat import io
 from egat.stats import Stats, binomial_variance, over_seeds
+from egat.run.layout import ROBUST_FILE, cell_files
 
 KEYS = ["method", "train_domain"]
 CHECKS = {  # egat.robustness.robust_metrics's checks
@@ -28,10 +28,8 @@ CHECKS = {  # egat.robustness.robust_metrics's checks
 def load_robust(evals_dir: str | Path) -> pd.DataFrame:
     """One row per run: accuracies (%), the checks' numbers and ``pass_<check>`` flags."""
     rows = []
-    for path in sorted(Path(evals_dir).glob("*/*/seed*/robust.json")):
-        if not re.fullmatch(r"seed\d+", path.parent.name):
-            continue
-        r = json.loads(path.read_text())
+    for cell in cell_files(evals_dir, ROBUST_FILE):
+        r = json.loads(cell.path.read_text())
         c = r["checks"]
         row = {"method": r["method"], "train_domain": r["train_domain"], "seed": r["seed"],
                "n": r["n"], "clean": r["clean"], "aa": r["aa"], "pgd": c["b"]["pgd"],

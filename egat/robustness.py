@@ -36,6 +36,7 @@ from egat.config import Params
 from egat.data.subsets import stratified_indices
 from egat.errors import EgatError
 from egat.metrics import iterate_batches
+from egat.run.layout import BEST, EVALS, robust_path, run_dir
 from egat.seeding import seeded_scope
 
 # (e): the loss "rises" at the scan's end when it exceeds the clean loss by this factor plus
@@ -174,28 +175,25 @@ def robust_metrics(model, params: Params, loader, device, transfer_model=None) -
     }
 
 
-def robust_path(method: str, domain: str, seed: int, root: str | Path = "evals") -> Path:
-    return Path(root) / method / domain / f"seed{seed}" / "robust.json"
-
-
 def transfer_source(params: Params, method: str) -> str:
     rb = params.robust
     return rb.transfer_fallback if method == rb.transfer_from else rb.transfer_from
 
 
 def robust_run(params: Params, method: str, domain: str, seed: int,
-               evals_root: str | Path = "evals") -> dict:
+               evals_root: str | Path = EVALS) -> dict:
     """Stage `robustness`: AutoAttack and the checklist on one cell's best checkpoint, tracked in
     MLflow; writes <evals_root>/<method>/<domain>/seed<seed>/robust.json (without the seconds,
     which are logged to MLflow, so the file is the same in every run)."""
-    from egat.stages import _logged_params, _tags, run_dir, run_params
+    from egat.run.checkpoint import model_from_checkpoint
+    from egat.run.device import resolve_device
+    from egat.stages import _logged_params, _tags, run_params
     from egat.tracking.mlflow_tracker import MlflowTracker
-    from egat.train.trainer import model_from_checkpoint, resolve_device
 
     cell = run_params(params, method, domain, seed)
     source = transfer_source(cell, method)
     # everything a refused request could trip on is checked before the MLflow run starts
-    model, _, ckpt = model_from_checkpoint(run_dir(params, method, domain, seed) / "best.pt")
+    model, _, ckpt = model_from_checkpoint(run_dir(params, method, domain, seed) / BEST)
     attack = cell.robust.attack
     if "apgdt" in {attack.name, *(attack.ensemble if attack.name == "autoattack" else [])} \
             and len(ckpt["classes"]) < APGDT_MIN_CLASSES:
@@ -203,7 +201,7 @@ def robust_run(params: Params, method: str, domain: str, seed: int,
             f"robust.attack: apgdt (targeted DLR) needs >= {APGDT_MIN_CLASSES} classes, the data "
             f"has {len(ckpt['classes'])}; leave apgdt out of robust.attack.ensemble"
         )
-    source_ckpt = run_dir(params, source, domain, seed) / "best.pt"
+    source_ckpt = run_dir(params, source, domain, seed) / BEST
     if not source_ckpt.is_file():
         raise EgatError(
             f"robust.transfer_from: check (d) needs {source}'s run of {domain}/seed{seed}, but "

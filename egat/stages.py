@@ -9,7 +9,7 @@ import numpy as np
 from egat import io
 from egat.config import Params, params_from_dict
 from egat.errors import DataError, ParamsError
-from egat.run_layout import EVALS, cell_dir, eval_path
+from egat.run.layout import BEST, CHECKPOINT_ARTIFACTS, EVALS, METRICS, eval_path, run_dir
 from egat.tracking.datasets import split_inputs
 from egat.tracking.mlflow_tracker import MlflowTracker
 
@@ -106,10 +106,6 @@ def check_domain(params: Params, domain: str) -> None:
         )
 
 
-def run_dir(params: Params, method: str, domain: str, seed: int) -> Path:
-    return cell_dir(params.train.out_dir, method, domain, seed)
-
-
 def _logged_params(cell: Params, method: str) -> dict:
     """Params for MLflow: everything, with the run's method hyperparameters fully resolved."""
     raw = cell.model_dump(mode="json")
@@ -127,8 +123,8 @@ def _tags(params: Params, stage: str, method: str, domain: str, seed: int) -> di
 def train_run(params: Params, method: str, domain: str, seed: int, name: str | None = None) -> dict:
     """Train one cell (in process or on Ray Train, see ``train.backend``), tracked in MLflow with
     its checkpoint and model. ``name`` (a studies variant) replaces the method in folder and key."""
+    from egat.run.checkpoint import model_from_checkpoint
     from egat.train.launch import fit, preflight
-    from egat.train.trainer import model_from_checkpoint
 
     cell = run_params(params, method, domain, seed)
     check_domain(cell, domain)
@@ -141,8 +137,8 @@ def train_run(params: Params, method: str, domain: str, seed: int, name: str | N
     with tracker:
         result = fit(cell, out, tracker)
         tracker.log_inputs(split_inputs(cell.data, cell.train.domains, ["train", "val"]))
-        tracker.log_artifact(result.best_checkpoint, "checkpoint")
-        tracker.log_artifact(out / "train_metrics.json")
+        tracker.log_artifact(result.best_checkpoint, CHECKPOINT_ARTIFACTS)
+        tracker.log_artifact(out / METRICS)
         model, _, _ = model_from_checkpoint(result.best_checkpoint)
         size = cell.data.image_size
         # An example batch of 2: torch.export specialises a batch dimension of 1, and the logged
@@ -155,12 +151,13 @@ def evaluate_run(params: Params, method: str, domain: str, seed: int, name: str 
                  evals_root: str | Path = EVALS) -> dict:
     """Evaluate one cell's best checkpoint on every domain; writes <evals_root>/.../eval.json."""
     from egat.evaluation import evaluate_model
-    from egat.train.trainer import model_from_checkpoint, resolve_device
+    from egat.run.checkpoint import model_from_checkpoint
+    from egat.run.device import resolve_device
 
     cell = run_params(params, method, domain, seed)
     check_domain(cell, domain)
     name = name or method
-    model, _, _ = model_from_checkpoint(run_dir(params, name, domain, seed) / "best.pt")
+    model, _, _ = model_from_checkpoint(run_dir(params, name, domain, seed) / BEST)
     key = f"evaluate/{name}/{domain}/seed{seed}"
     path = eval_path(name, domain, seed, evals_root)
     tags = {**_tags(cell, "evaluate", method, domain, seed), "run": name}

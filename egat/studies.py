@@ -20,7 +20,7 @@ import pandas as pd
 
 from egat.config import Params, all_variants, apply_overrides, params_from_dict
 from egat.errors import EgatError
-from egat.run_layout import VARIANTS
+from egat.run.layout import BEST, EVALS, TIMING, VARIANTS, cell_dir
 from egat.seeding import seeded_scope
 from egat.report import (
     Results, csv_text, find_eval_files, in_domain_outputs, in_domain_table, load_runs,
@@ -202,8 +202,6 @@ def runtime_points(
     """One point per named run with an evaluation and a timing file: per-epoch training time
     (steps per epoch x the run's time_per_step_s) vs in-domain aAcc, both averaged over the
     run's training domains and seeds."""
-    from egat.train.trainer import TIMING
-
     per_seed = per_seed_means(results.domains)
     rows = []
     for name in names:
@@ -212,7 +210,7 @@ def runtime_points(
         cell, _, root = run_params_of(params, name)
         for domain in params.study.train_domains:
             for seed in params.study.seeds:
-                timing = root / name / domain / f"seed{seed}" / TIMING
+                timing = cell_dir(root, name, domain, seed) / TIMING
                 if not timing.is_file() or (name, seed) not in per_seed.index:
                     continue
                 step = json.loads(timing.read_text())["time_per_step_s"]
@@ -261,7 +259,7 @@ def plot_case_study(params: Params, names: Sequence[str], path: str | Path) -> l
     from egat.attacks import build_attack
     from egat.explain import build_explainer
     from egat.heatmaps import overlay
-    from egat.train.trainer import model_from_checkpoint
+    from egat.run.checkpoint import model_from_checkpoint
 
     domain = params.studies.case_study.domain or params.study.train_domains[0]
     seed = params.study.seeds[0]
@@ -270,7 +268,7 @@ def plot_case_study(params: Params, names: Sequence[str], path: str | Path) -> l
     panels = []
     for name in names:
         _, _, root = run_params_of(params, name)
-        ckpt = root / name / params.study.train_domains[0] / f"seed{seed}" / "best.pt"
+        ckpt = cell_dir(root, name, params.study.train_domains[0], seed) / BEST
         if not ckpt.is_file():
             continue
         model, _, _ = model_from_checkpoint(ckpt)
@@ -307,7 +305,7 @@ def plot_case_study(params: Params, names: Sequence[str], path: str | Path) -> l
 
 # --- the stage ----------------------------------------------------------------------------------
 
-def build_studies(params: Params, evals_dir: str | Path = "evals", out_dir: str | Path = "reports") -> dict:
+def build_studies(params: Params, evals_dir: str | Path = EVALS, out_dir: str | Path = "reports") -> dict:
     """Write Tables III/IV (md + csv), Fig. 3 and Fig. 4 (PNG) and their data to ``out_dir``;
     returns {"files": [...], "metrics": {...}} for MLflow."""
     st = params.studies
@@ -363,7 +361,7 @@ def build_studies(params: Params, evals_dir: str | Path = "evals", out_dir: str 
 
 
 def studies_run(
-    params: Params, evals_dir: str | Path = "evals", out_dir: str | Path = "reports"
+    params: Params, evals_dir: str | Path = EVALS, out_dir: str | Path = "reports"
 ) -> list[Path]:
     """The `studies` stage: build everything and log it to MLflow (one run, key `studies`)."""
     from egat.tracking.mlflow_tracker import MlflowTracker

@@ -309,7 +309,7 @@ def ray2_killed_run(tiny, env, ray_session):
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["local", "ray"])
 def test_both_backends_write_the_same_outputs(which, request):
-    from egat.train.trainer import model_from_checkpoint
+    from egat.run.checkpoint import model_from_checkpoint
 
     result, run_id = request.getfixturevalue({"local": "local_run", "ray": "ray1_run"}[which])
     for name in ("best.pt", "last.pt", "train_metrics.json", "train_timing.json"):

@@ -11,7 +11,8 @@ from torch import nn
 
 from egat.config import params_from_dict
 from egat.errors import EgatError, ParamsError
-from egat.robustness import robust_metrics, robust_path, robust_run, stratified_subset
+from egat.robustness import robust_metrics, robust_run, stratified_subset
+from egat.run.layout import robust_path, run_dir
 from tests.test_autoattack import EPS, linear_problem
 
 # the checklist at test scale: cheap attacks, one large eps for (a)
@@ -159,7 +160,7 @@ def cell(tmp_path_factory):
     raw["eval"] = {"attack": {"steps": 2}}
     params = params_from_dict(raw)
     for method in ("erm", "pgd_at"):
-        fit(stages.run_params(params, method, "d1", 0), stages.run_dir(params, method, "d1", 0))
+        fit(stages.run_params(params, method, "d1", 0), run_dir(params, method, "d1", 0))
     return root, raw
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from egat.config import params_from_dict
 from egat.errors import EgatError, ParamsError
+from egat.run.layout import run_dir
 from egat.studies import (
     Point, ablation_table, load_study_results, pareto_front, plot_pareto, plot_sensitivity,
     sensitivity_table, subset, variant_params,
@@ -208,7 +209,7 @@ def test_study_stages_end_to_end(tmp_path, monkeypatch):
     for name in ("erm", "egat", "smoothgrad"):
         cell, method, _ = run_params_of(params, name)
         cell = stages.run_params(cell, method, "grass", 0)
-        Trainer(cell, stages.run_dir(cell, name, "grass", 0)).fit()
+        Trainer(cell, run_dir(cell, name, "grass", 0)).fit()
     for flag, name in [("--method", "erm"), ("--method", "egat"), ("--variant", "wo_at"),
                        ("--variant", "smoothgrad")]:
         run("evaluate-cell", flag, name, "--domain", "grass", "--seed", "0")

@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 
 from egat.config import Params
 from egat.errors import EgatError
+from egat.run.device import choose_gpu
 
 log = logging.getLogger(__name__)
 # Train V2 (the default since Ray 2.5x; opt-in before). Set before ray.train is imported, and
@@ -175,10 +176,7 @@ def resolve_use_gpu(params: Params) -> bool:
         gpus = ray.cluster_resources().get("GPU", 0)
     else:
         gpus = _local_capacity({"GPU": 1})
-    want = params.train.use_gpu
-    if want == "true" and gpus < 1:
-        raise EgatError("train.use_gpu=true but the Ray cluster has no GPU; use 'auto' or 'false'")
-    return want == "true" or (want == "auto" and gpus >= 1)
+    return choose_gpu(params.train.use_gpu, gpus, "the Ray cluster has no GPU")
 
 
 def worker_resources(use_gpu: bool, resources: Mapping[str, float] | None) -> dict[str, float]:

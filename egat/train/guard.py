@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, default_collate
 from egat.attacks import build_attack, model_mode
 from egat.config import Params
 from egat.data.subsets import stratified_indices
+from egat.run.layout import BEST
 from egat.seeding import seeded_scope
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class OverfitGuard:
             return False
         log.warning(
             "catastrophic overfitting at step %d: accuracy under %s on the guard batch fell to "
-            "%.1f%% from a best of %.1f%%; best.pt keeps the best model", step,
-            self.params.eval.attack.name, accuracy, best,
+            "%.1f%% from a best of %.1f%%; %s keeps the best model", step,
+            self.params.eval.attack.name, accuracy, best, BEST,
         )
         return True

@@ -46,12 +46,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 from egat.config import Params, params_from_dict
 from egat.errors import EgatError
+from egat.run.layout import BEST, LAST, METRICS, RUN_FILES
 from egat.tracking import NullTracker, Tracker
 from egat.tracking.run_tracker import RunTracker, run_tracker_of
 from egat.train import cluster
-from egat.train.trainer import BEST, LAST, METRICS, TIMING, TrainResult
+from egat.train.trainer import TrainResult
 
-RUN_FILES = (LAST, BEST, METRICS, TIMING)
 # The metrics reported with a checkpoint: a run resumed after its last validation (a Tune trial
 # killed at its end) reports them again, Tune's objective included.
 REPORT = "report.json"

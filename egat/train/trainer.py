@@ -1,13 +1,12 @@
 """The Trainer: seeded, Adam, a step budget, periodic validation, best-validation checkpoint.
 
 One class serves every entry point (CLI, DVC stages, Ray workers, Tune trials). It resumes from
-``<run_dir>/last.pt`` when that file exists, so a killed run continues where it stopped.
+``<run_dir>/last.pt`` when that file exists, so a killed run continues where it stopped. What the
+run's files are called and hold lives in :mod:`egat.run`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 import time
@@ -21,16 +20,21 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from egat import io
-from egat.config import RUNTIME_KEYS, Params, TrainParams
+from egat.config import Params, TrainParams
 from egat.data import DomainDataset, read_splits
-from egat.data.guides import cue_free_guides_root, images_digest
 from egat.data.splits import cue_free_root
 from egat.data.subsets import stratified_subset
-from egat.errors import CheckpointError, EgatError
-from egat.methods import Method, build_method
+from egat.errors import EgatError
+from egat.methods import LossOutput, Method, build_method
 from egat.metrics.accuracy import evaluate_accuracy
 from egat.models import Classifier, build_model
 from egat.resources import suggest_batch_size_on_oom
+from egat.run.checkpoint import (
+    model_checkpoint, params_fingerprint, rank_state, read_training_state, training_domains,
+    training_state,
+)
+from egat.run.device import resolve_device
+from egat.run.layout import BEST, LAST, METRICS, TIMING
 from egat.seeding import seeded_scope
 from egat.tracking import NullTracker, Tracker
 from egat.train.guard import OverfitGuard
@@ -38,8 +42,6 @@ from egat.train.precision import Precision, compile_backbone
 from egat.train.sampler import StepBatchSampler
 
 log = logging.getLogger(__name__)
-LAST, BEST, METRICS, TIMING = "last.pt", "best.pt", "train_metrics.json", "train_timing.json"
-MODEL_CHECKPOINT = f"a model checkpoint written by egat train (a run's {BEST})"
 # on_report(step, metrics, checkpointed): called on every rank after a validation or a checkpoint.
 ReportHook = Callable[[int, dict[str, float], bool], None]
 
@@ -55,23 +57,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(params: Params) -> torch.device:
-    want = params.train.use_gpu
-    if want == "true" and not torch.cuda.is_available():
-        raise EgatError("train.use_gpu=true but no CUDA device is visible; use 'auto' or 'false'")
-    if want != "false" and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def training_domains(params: Params, domains: list[str]) -> list[str]:
-    chosen = params.train.domains or domains[:1]
-    unknown = [d for d in chosen if d not in domains]
-    if unknown:
-        raise EgatError(f"train.domains: unknown domain(s) {unknown}; valid: {', '.join(domains)}")
-    return chosen
 
 
 def build_dataset(params: Params, splits: dict, domains: list[str], split: str, augment=False,
@@ -105,33 +90,6 @@ def validation_loader(params: Params, dataset) -> DataLoader:
     subset = stratified_subset(dataset, params.train.val_batches * params.eval.batch_size,
                                params.data.split_seed)
     return DataLoader(subset, batch_size=params.eval.batch_size, num_workers=params.data.num_workers)
-
-
-def params_fingerprint(params: Params, domains: list[str]) -> str:
-    """A digest of everything that shapes training, the training domains' images included (the
-    same params on changed data, e.g. an image of the user's tree added, removed or edited, is
-    another run, not a finished one); a resumed run must match it."""
-    raw = params.model_dump(mode="json")
-    for volatile in RUNTIME_KEYS:
-        raw["train"].pop(volatile, None)
-    for group in ("eval", "report", "tune", "study"):
-        raw.pop(group, None)
-    guides = params.data.guides_root
-    if params.train.images == "cue_free":  # the oracle trains on the renders: their digests
-        guides = cue_free_guides_root(guides)
-    raw["images_sha256"] = {d: images_digest(guides, d) for d in domains}
-    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
-
-
-def checkpoint_payload(model: Classifier, params: Params, splits: dict, **extra) -> dict[str, Any]:
-    """What a checkpoint holds: enough to rebuild and evaluate the model with no other file."""
-    return {
-        "model": model.state_dict(),
-        "params": params.model_dump(mode="json"),
-        "classes": list(splits["classes"]),
-        "domains": list(splits["domains"]),
-        **extra,
-    }
 
 
 def validation_metrics(model: Classifier, params: Params, loader, device: torch.device,
@@ -183,44 +141,30 @@ def lr_scheduler(
     )
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[Classifier, Params, dict]:
-    from egat.config import params_from_dict
+@dataclass
+class TrainingSession:
+    """What one fit trains with, and the run's counters ``state`` (saved in last.pt)."""
 
-    path = Path(path)
-    if not path.is_file():
-        raise EgatError(f"checkpoint {str(path)!r} not found")
-    ckpt = io.torch_load(path, MODEL_CHECKPOINT)
-    if not isinstance(ckpt, dict) or not {"params", "classes", "model"} <= ckpt.keys():
-        raise EgatError(
-            f"{str(path)!r} is not a model checkpoint (params, classes, model); pass a run's "
-            f"{BEST} ({LAST} holds the training state for resuming)"
-        )
-    params = params_from_dict(ckpt["params"], source=str(path))
-    model = build_model(
-        params.model.name, len(ckpt["classes"]), pretrained="none", dropout=params.model.dropout,
-        channels_last=params.model.channels_last, input_size=params.model.input_size,
-    )
-    model.load_state_dict(ckpt["model"])
-    return model, params, ckpt
-
-
-def read_training_state(path: Path) -> dict[str, Any]:
-    """A run's last.pt, or an error naming the file and how to start over: a damaged resume
-    point never makes a run silently start again from step 0."""
-    start_over = "start this run over with train.resume=false (or delete the file)"
-    try:
-        ckpt = io.torch_load(path, f"the training state {LAST} to resume from; {start_over}")
-    except CheckpointError as exc:
-        raise CheckpointError(f"cannot resume: {exc}") from None
-    if not isinstance(ckpt, dict) or not {"fingerprint", "model", "optimizer", "state"} <= ckpt.keys():
-        raise CheckpointError(
-            f"cannot resume: {path} is no training state (fingerprint, model, optimizer, state); "
-            f"{start_over}"
-        )
-    return ckpt
+    splits: dict
+    domains: list[str]
+    train_ds: DomainDataset
+    val_ds: DomainDataset
+    cue_free_val: DataLoader | None  # the cue-free renders of the validation images, where any
+    model: Classifier
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    precision: Precision
+    guard: OverfitGuard | None
+    fingerprint: str
+    state: dict[str, Any]
+    latest: dict[str, float] = field(default_factory=dict)  # the metrics on_report passes on
 
 
 class Trainer:
+    """Trains one run into ``run_dir``: :meth:`fit` sets up, resumes, then steps, validating and
+    checkpointing at their intervals; every phase is one method below, in the order it runs."""
+
     def __init__(
         self, params: Params, run_dir: str | Path, tracker: Tracker | None = None,
         device: torch.device | None = None, rank: int = 0, world_size: int = 1,
@@ -235,6 +179,42 @@ class Trainer:
 
     @suggest_batch_size_on_oom("train.batch_size", "training")
     def fit(self) -> TrainResult:
+        t = self.params.train
+        s = self._setup()
+        self._resume(s)
+        if s.state["step"] >= t.steps and (self.run_dir / BEST).is_file():
+            return self._finish(s)
+        loader = self._train_loader(s)
+        val_loader = validation_loader(self.params, s.val_ds)
+        bar = self._progress_bar(s)
+        started = time.perf_counter() - s.state["elapsed_s"]
+        s.model.train()
+        for batch in loader:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            out = self._step(s, batch)
+            step = s.state["step"]
+            if step % 10 == 0 or step == t.steps:
+                self._log_step(s, out, batch, bar)
+            if s.guard is not None and s.guard.due(step):
+                self._check_guard(s, step)
+            evaluated = step % t.eval_every == 0 or step == t.steps
+            checkpointed = step % t.checkpoint_every == 0 or step == t.steps
+            if evaluated:
+                self._validate(s, val_loader, step)
+            if checkpointed:
+                s.state["elapsed_s"] = time.perf_counter() - started
+                self._save_training_state(s)
+            if self.on_report is not None and (evaluated or checkpointed):
+                self.on_report(step, dict(s.latest, best_val_acc=s.state["best_val_acc"]), checkpointed)
+            bar.update(1)
+        bar.close()
+        s.state["elapsed_s"] = time.perf_counter() - started
+        return self._finish(s)
+
+    # --- setup and resume ------------------------------------------------------------------------
+    def _setup(self) -> TrainingSession:
+        """Seed, then build the data, model, method, optimiser and guard (in this order: the
+        model's initial weights and everything after draw from the seeded RNG)."""
         p, t = self.params, self.params.train
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
@@ -258,152 +238,115 @@ class Trainer:
             compile_backbone(model)
         precision = Precision(t.precision, self.device)
         guard = OverfitGuard(p, val_ds, self.device) if t.guard.every else None
-
         state = {"step": 0, "best_val_acc": -1.0, "best_score": -1.0, "best_step": -1, "elapsed_s": 0.0}
         if guard is not None:
             state["best_guard_acc"] = -1.0
-        fingerprint = params_fingerprint(p, domains)
+        return TrainingSession(splits, domains, train_ds, val_ds, cue_free_val, model, method,
+                               optimizer, scheduler, precision, guard,
+                               params_fingerprint(p, domains), state)
+
+    def _resume(self, s: TrainingSession) -> None:
+        """Continue from last.pt where it holds this run (the same fingerprint). A last.pt of
+        other params or data, or one that train.resume=false discards, is another run's: its
+        best.pt goes (last.pt is overwritten at the first checkpoint)."""
         last = self.run_dir / LAST
-        ckpt = read_training_state(last) if t.resume and last.is_file() else None
-        if ckpt is not None:
-            if ckpt["fingerprint"] == fingerprint:
-                model.load_state_dict(ckpt["model"])
-                optimizer.load_state_dict(ckpt["optimizer"])
-                if scheduler is not None:
-                    scheduler.load_state_dict(ckpt["scheduler"])
-                mine = _rank_state(ckpt, self.rank, self.world_size, method)
-                saved, step = len(ckpt.get("ranks") or []), int(ckpt["state"]["step"])
-                if saved and saved != self.world_size and self.rank == 0:
-                    log.warning(
-                        "resuming step %d on %d worker(s) from a checkpoint of %d: each rank's "
-                        "shard of the global batch (train.batch_size=%d) and the method state "
-                        "(free AT's perturbation) are re-split by the new world size", step,
-                        self.world_size, saved, t.batch_size)
-                if mine["rng"] is None:
-                    fresh = fresh_rank_seed(t.seed, step, self.rank)
-                    torch.manual_seed(fresh)
-                    log.warning("rank %d has no saved RNG state (the checkpoint has %d ranks): "
-                                "seeded afresh with %d", self.rank, saved, fresh)
-                else:
-                    torch.set_rng_state(mine["rng"])
-                if mine.get("cuda_rng") and len(mine["cuda_rng"]) == torch.cuda.device_count():
-                    torch.cuda.set_rng_state_all(mine["cuda_rng"])
-                state.update(ckpt["state"])
-                method.step = state["step"]  # step-scheduled losses (IRM's annealing) continue
-                method.load_state_dict(mine["method"])
-                precision.load_state_dict(ckpt["precision"])
-                log.warning("resuming %s from step %d", self.run_dir, state["step"])
-            else:
-                log.warning("%s holds a run with other params or data: starting afresh", last)
-                (self.run_dir / BEST).unlink(missing_ok=True)
+        ckpt = read_training_state(last) if self.params.train.resume and last.is_file() else None
+        if ckpt is not None and ckpt["fingerprint"] == s.fingerprint:
+            self._restore(s, ckpt)
+        elif ckpt is not None:
+            log.warning("%s holds a run with other params or data: starting afresh", last)
+            (self.run_dir / BEST).unlink(missing_ok=True)
         elif last.is_file():  # train.resume=false: the old run's files are not this run's
             log.warning("train.resume=false: discarding %s and starting afresh", last)
             (self.run_dir / BEST).unlink(missing_ok=True)
-        if state["step"] >= t.steps and (self.run_dir / BEST).is_file():
-            return self._finish(model, state)
 
-        if len(train_ds) < t.batch_size:
+    def _restore(self, s: TrainingSession, ckpt: dict) -> None:
+        """Load the training state of last.pt: model, optimiser, schedule, this rank's RNG and
+        method state, the counters and the precision's loss scale."""
+        s.model.load_state_dict(ckpt["model"])
+        s.optimizer.load_state_dict(ckpt["optimizer"])
+        if s.scheduler is not None:
+            s.scheduler.load_state_dict(ckpt["scheduler"])
+        mine = rank_state(ckpt, self.rank, self.world_size, s.method.reshard_states)
+        saved, step = len(ckpt.get("ranks") or []), int(ckpt["state"]["step"])
+        if saved and saved != self.world_size and self.rank == 0:
+            log.warning(
+                "resuming step %d on %d worker(s) from a checkpoint of %d: each rank's "
+                "shard of the global batch (train.batch_size=%d) and the method state "
+                "(free AT's perturbation) are re-split by the new world size", step,
+                self.world_size, saved, self.params.train.batch_size)
+        self._restore_rng(mine, saved, step)
+        s.state.update(ckpt["state"])
+        s.method.step = s.state["step"]  # step-scheduled losses (IRM's annealing) continue
+        s.method.load_state_dict(mine["method"])
+        s.precision.load_state_dict(ckpt["precision"])
+        log.warning("resuming %s from step %d", self.run_dir, s.state["step"])
+
+    def _restore_rng(self, mine: dict, saved: int, step: int) -> None:
+        """This rank's saved RNG states; a rank the checkpoint of ``saved`` ranks has none for
+        is seeded afresh (:func:`fresh_rank_seed`)."""
+        if mine["rng"] is None:
+            fresh = fresh_rank_seed(self.params.train.seed, step, self.rank)
+            torch.manual_seed(fresh)
+            log.warning("rank %d has no saved RNG state (the checkpoint has %d ranks): "
+                        "seeded afresh with %d", self.rank, saved, fresh)
+        else:
+            torch.set_rng_state(mine["rng"])
+        if mine.get("cuda_rng") and len(mine["cuda_rng"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(mine["cuda_rng"])
+
+    def _train_loader(self, s: TrainingSession) -> DataLoader:
+        """The training batches from the current step on (this rank's shard of each)."""
+        p, t = self.params, self.params.train
+        if len(s.train_ds) < t.batch_size:
             raise EgatError(
-                f"train split of {domains} has {len(train_ds)} images, fewer than "
+                f"train split of {s.domains} has {len(s.train_ds)} images, fewer than "
                 f"train.batch_size={t.batch_size}; lower the batch size"
             )
         sampler = StepBatchSampler(
-            len(train_ds), t.batch_size, t.seed, t.steps, state["step"], self.rank, self.world_size,
-            replays=method.batch_replays,
+            len(s.train_ds), t.batch_size, t.seed, t.steps, s.state["step"], self.rank,
+            self.world_size, replays=s.method.batch_replays,
         )
         # Loaders draw their iterators' base seeds from their own generators, not the global RNG:
         # a resumed run (which creates its iterator at step k) then continues the global RNG
         # stream (dropout, attacks, mixup) exactly as the uninterrupted run does.
-        loader = DataLoader(
-            train_ds, batch_sampler=sampler, num_workers=p.data.num_workers,
+        return DataLoader(
+            s.train_ds, batch_sampler=sampler, num_workers=p.data.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=p.data.num_workers > 0,
-            generator=torch.Generator().manual_seed(t.seed * 1_000_003 + state["step"]),
+            generator=torch.Generator().manual_seed(t.seed * 1_000_003 + s.state["step"]),
         )
-        val_loader = validation_loader(p, val_ds)
-        bar = tqdm(
-            total=t.steps, initial=state["step"], disable=not t.progress or self.rank != 0,
+
+    def _progress_bar(self, s: TrainingSession) -> tqdm:
+        t = self.params.train
+        return tqdm(
+            total=t.steps, initial=s.state["step"], disable=not t.progress or self.rank != 0,
             desc=f"train {t.method}", unit="step", dynamic_ncols=True,
         )
-        started = time.perf_counter() - state["elapsed_s"]
-        latest: dict[str, float] = {}
-        model.train()
-        for batch in loader:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with precision.autocast():
-                out = method.loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            precision.backward(out.loss)
-            self._sync_gradients(model)
-            precision.step(optimizer)
-            if scheduler is not None:
-                scheduler.step()
-            self._sync_buffers(model)
-            state["step"] += 1
-            step = state["step"]
-            if step % 10 == 0 or step == t.steps:
-                acc = (out.logits.argmax(1) == batch["label"]).float().mean().item() * 100
-                logged = {f"train/{k}": v.item() for k, v in out.terms.items()}
-                logged.update({"train/loss": out.loss.item(), "train/acc": acc,
-                               "train/lr": optimizer.param_groups[0]["lr"]})
-                self.tracker.log_metrics(logged, step)
-                latest.update({"train/loss": out.loss.item(), "train/acc": acc})
-                bar.set_postfix(loss=f"{out.loss.item():.3f}", best_val=f"{state['best_val_acc']:.1f}")
-            if guard is not None and guard.due(step):
-                self._check_guard(guard, model, state, step, latest, splits)
-            evaluated = step % t.eval_every == 0 or step == t.steps
-            checkpointed = step % t.checkpoint_every == 0 or step == t.steps
-            if evaluated:
-                val = validation_metrics(model, p, val_loader, self.device, cue_free_val)
-                val_acc = val["val/acc"]
-                self.tracker.log_metrics(val, step)
-                latest.update(val)
-                state["best_val_acc"] = max(state["best_val_acc"], val_acc)
-                score = selection_score(t.select, val, step)
-                # With the overfitting guard on, best.pt follows the guard's accuracy instead.
-                if score > state["best_score"] and guard is None:
-                    state.update(best_score=score, best_step=step)
-                    if self.rank == 0:
-                        io.torch_save(
-                            checkpoint_payload(model, p, splits, step=step, val_acc=val_acc),
-                            self.run_dir / BEST,
-                        )
-                model.train()
-            if checkpointed:
-                state["elapsed_s"] = time.perf_counter() - started
-                # Every rank's own RNG and method state (free AT's perturbation differs by rank).
-                ranks = gather_objects({
-                    "method": _to_cpu(method.state_dict()), "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all()
-                    if self.device.type == "cuda" else None,
-                }, self.world_size)
-                if self.rank == 0:
-                    io.torch_save(
-                        {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                         "ranks": ranks, "precision": precision.state_dict(),
-                         "state": dict(state), "fingerprint": fingerprint},
-                        last,
-                    )
-            if self.on_report is not None and (evaluated or checkpointed):
-                self.on_report(step, dict(latest, best_val_acc=state["best_val_acc"]), checkpointed)
-            bar.update(1)
-        bar.close()
-        state["elapsed_s"] = time.perf_counter() - started
-        return self._finish(model, state)
 
-    def _check_guard(self, guard, model, state: dict, step: int, latest: dict, splits) -> None:
-        """The overfitting guard's check: warn on a collapse, keep the best guard model as best.pt."""
-        acc = guard.accuracy(model)
-        guard.warn_if_collapsed(acc, state["best_guard_acc"], step)
-        self.tracker.log_metrics({"guard/acc": acc}, step)
-        latest["guard/acc"] = acc
-        if acc > state["best_guard_acc"]:
-            state.update(best_guard_acc=acc, best_step=step)
-            if self.rank == 0:
-                io.torch_save(
-                    checkpoint_payload(model, self.params, splits, step=step, guard_acc=acc),
-                    self.run_dir / BEST,
-                )
+    # --- one step ------------------------------------------------------------------------------
+    def _step(self, s: TrainingSession, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """One optimiser step on ``batch`` (gradients and buffers averaged across ranks)."""
+        with s.precision.autocast():
+            out = s.method.loss(batch)
+        s.optimizer.zero_grad(set_to_none=True)
+        s.precision.backward(out.loss)
+        self._sync_gradients(s.model)
+        s.precision.step(s.optimizer)
+        if s.scheduler is not None:
+            s.scheduler.step()
+        self._sync_buffers(s.model)
+        s.state["step"] += 1
+        return out
+
+    def _log_step(self, s: TrainingSession, out: LossOutput, batch: dict, bar: tqdm) -> None:
+        """The step's loss terms, batch accuracy and learning rate, to the tracker and the bar."""
+        acc = (out.logits.argmax(1) == batch["label"]).float().mean().item() * 100
+        logged = {f"train/{k}": v.item() for k, v in out.terms.items()}
+        logged.update({"train/loss": out.loss.item(), "train/acc": acc,
+                       "train/lr": s.optimizer.param_groups[0]["lr"]})
+        self.tracker.log_metrics(logged, s.state["step"])
+        s.latest.update({"train/loss": out.loss.item(), "train/acc": acc})
+        bar.set_postfix(loss=f"{out.loss.item():.3f}", best_val=f"{s.state['best_val_acc']:.1f}")
 
     def _sync_gradients(self, model: Classifier) -> None:
         """Average gradients across ranks (no-op for one worker), in one flat all-reduce.
@@ -428,7 +371,51 @@ class Trainer:
         buffers = [b for b in model.buffers() if b.is_floating_point()]
         _all_reduce_mean(buffers, self.world_size)
 
-    def _finish(self, model: Classifier, state: dict) -> TrainResult:
+    # --- validation and checkpoints --------------------------------------------------------------
+    def _check_guard(self, s: TrainingSession, step: int) -> None:
+        """The overfitting guard's check: warn on a collapse, keep the best guard model as best.pt."""
+        acc = s.guard.accuracy(s.model)
+        s.guard.warn_if_collapsed(acc, s.state["best_guard_acc"], step)
+        self.tracker.log_metrics({"guard/acc": acc}, step)
+        s.latest["guard/acc"] = acc
+        if acc > s.state["best_guard_acc"]:
+            s.state.update(best_guard_acc=acc, best_step=step)
+            self._save_best(s, step, guard_acc=acc)
+
+    def _validate(self, s: TrainingSession, val_loader: DataLoader, step: int) -> None:
+        """Score the validation split; a new best by ``train.select`` becomes best.pt."""
+        p = self.params
+        val = validation_metrics(s.model, p, val_loader, self.device, s.cue_free_val)
+        val_acc = val["val/acc"]
+        self.tracker.log_metrics(val, step)
+        s.latest.update(val)
+        s.state["best_val_acc"] = max(s.state["best_val_acc"], val_acc)
+        score = selection_score(p.train.select, val, step)
+        # With the overfitting guard on, best.pt follows the guard's accuracy instead.
+        if score > s.state["best_score"] and s.guard is None:
+            s.state.update(best_score=score, best_step=step)
+            self._save_best(s, step, val_acc=val_acc)
+        s.model.train()
+
+    def _save_best(self, s: TrainingSession, step: int, **score: float) -> None:
+        if self.rank == 0:
+            io.torch_save(model_checkpoint(s.model, self.params, s.splits, step=step, **score),
+                          self.run_dir / BEST)
+
+    def _save_training_state(self, s: TrainingSession) -> None:
+        """last.pt, with every rank's own RNG and method state (free AT's perturbation differs
+        by rank): gathered on every rank, written by rank 0."""
+        ranks = gather_objects({
+            "method": _to_cpu(s.method.state_dict()), "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+        }, self.world_size)
+        if self.rank == 0:
+            io.torch_save(training_state(s.model, s.optimizer, s.scheduler, ranks, s.precision,
+                                         s.state, s.fingerprint), self.run_dir / LAST)
+
+    def _finish(self, s: TrainingSession) -> TrainResult:
+        """train_metrics.json (reproducible byte for byte) and train_timing.json (wall clock)."""
+        state = s.state
         steps = max(state["step"], 1)
         metrics = {
             "best_val_acc": state["best_val_acc"],
@@ -437,7 +424,6 @@ class Trainer:
         }
         if "best_guard_acc" in state:
             metrics["best_guard_acc"] = state["best_guard_acc"]
-        # Wall-clock figures live apart so that the metrics file is reproducible byte for byte.
         timing = {
             "train_time_s": round(state["elapsed_s"], 3),
             "time_per_step_s": round(state["elapsed_s"] / steps, 4),
@@ -468,27 +454,6 @@ def _to_cpu(state: Any) -> Any:
     if isinstance(state, dict):
         return {k: _to_cpu(v) for k, v in state.items()}
     return state
-
-
-def _rank_state(ckpt: dict, rank: int, world_size: int, method: Method) -> dict:
-    """Rank ``rank``'s RNG and method state in ``last.pt``, for a run on ``world_size`` ranks.
-
-    The checkpoint holds one state per rank of the run that wrote it. On as many ranks, each gets
-    its own. On another number (Ray's elastic training shrank or grew the run, see
-    ``train.min_workers``): the method state is re-split by :meth:`Method.reshard_states` (free
-    AT's perturbation follows each example of the global batch to its new rank); rank r keeps the
-    RNG state of the old rank r, and a rank the checkpoint has none for gets ``rng`` None (the
-    caller seeds it afresh); the RNG states of ranks that are gone are dropped. A checkpoint
-    written before the per-rank states holds rank 0's only, at the top level: every rank resumes
-    from that."""
-    ranks = ckpt.get("ranks")
-    if not ranks:
-        return {"method": ckpt["method"], "rng": ckpt["rng"], "cuda_rng": ckpt.get("cuda_rng")}
-    if len(ranks) == world_size:
-        return ranks[rank]
-    methods = method.reshard_states([r["method"] for r in ranks], world_size)
-    own = ranks[rank] if rank < len(ranks) else {"rng": None, "cuda_rng": None}
-    return {"method": methods[rank], "rng": own["rng"], "cuda_rng": own.get("cuda_rng")}
 
 
 def fresh_rank_seed(seed: int, step: int, rank: int) -> int:
