@@ -17,12 +17,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from egat.attacks import build_attack, model_mode
+from egat.build import build_attack, build_explainer
 from egat.config import Params
 from egat.data import DomainDataset, read_splits
 from egat.data.splits import cue_free_root
 from egat.data.subsets import stratified_indices, stratified_subset
-from egat.explain import build_explainer
 from egat.metrics import (
     alignment_scores,
     erasure_scores,
@@ -32,7 +31,7 @@ from egat.metrics import (
     top_intersection,
 )
 from egat.metrics.faithfulness import baseline_fill
-from egat.models import Classifier
+from egat.models import Classifier, model_mode
 from egat.resources import suggest_batch_size_on_oom
 from egat.seeding import seeded_scope
 
@@ -234,7 +233,8 @@ def evaluate_model(
 
 def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str] | None = None) -> dict:
     """Evaluate a best.pt with the params stored in it (``overrides`` adjust eval/data keys)."""
-    from egat.config import apply_overrides, params_from_dict
+    from egat.build import params_from_dict
+    from egat.config import apply_overrides
     from egat.train.trainer import model_from_checkpoint, resolve_device, training_domains
 
     model, params, ckpt = model_from_checkpoint(checkpoint)

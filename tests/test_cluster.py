@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from egat.config import Params, params_from_dict
+from egat.build import params_from_dict
+from egat.config import Params
 from egat.errors import EgatError
 from tests.helpers import (
     last_model, prepared, ray_test_env, tracked_fit, train_ranks, wait_for_server,

@@ -1,6 +1,7 @@
 import pytest
 
-from egat.config import Params, load_params, params_from_dict
+from egat.build import load_params, method_hparams, params_from_dict
+from egat.config import Params
 from egat.errors import ParamsError
 
 
@@ -48,7 +49,7 @@ def test_overrides_and_missing_file(tmp_path):
     f.write_text("train:\n  steps: 5\n")
     p = load_params(f, ["train.steps=7", "methods.egat.preset=paper"])
     assert p.train.steps == 7
-    cfg = p.method_config("egat")
+    cfg = method_hparams(p, "egat")
     assert (cfg.lambda_adv, cfg.lambda_sparse) == (0.5, 1.0)
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "missing.yaml")
@@ -58,10 +59,10 @@ def test_overrides_and_missing_file(tmp_path):
 
 def test_presets_and_explicit_values():
     p = params_from_dict({"methods": {"egat": {"lambda_adv": 2}}})
-    cfg = p.method_config()
+    cfg = method_hparams(p)
     assert (cfg.lambda_adv, cfg.lambda_egl, cfg.lambda_mix, cfg.lambda_sparse) == (2, 1, 1, 0.2)
-    assert p.method_config("egat_wo_at").lambda_adv == 0
-    wo = p.method_config("egat_wo_egl")
+    assert method_hparams(p, "egat_wo_at").lambda_adv == 0
+    wo = method_hparams(p, "egat_wo_egl")
     assert wo.lambda_egl == 0 and wo.mix_explanation is False
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from egat.build import build_method
 from egat.explain.gradcam import GradCAM
-from egat.methods import build_method, method_registry
+from egat.methods import method_registry
 from tests.helpers import make_batch, params_for, tiny_classifier
 
 

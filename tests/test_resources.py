@@ -14,12 +14,10 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from egat.attacks import build_attack
+from egat.build import build_attack, build_explainer, params_from_dict
 from egat.cli import main
-from egat.config import params_from_dict
 from egat.errors import EgatError
 from egat.evaluation import evaluate_domain, evaluate_model
-from egat.explain import build_explainer
 from egat.metrics import evaluate_accuracy, explanation_alignment, explanation_stability, faithfulness
 from egat.models import Classifier, model_registry
 from tests.helpers import tiny_classifier, tiny_folder_data

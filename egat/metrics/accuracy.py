@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from egat.attacks.base import model_mode
+from egat.models.mode import model_mode
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

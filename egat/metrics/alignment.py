@@ -14,10 +14,10 @@ from typing import Iterable, Literal, Mapping
 import torch
 from torch import nn
 
-from egat.attacks.base import model_mode
 from egat.errors import EgatError
 from egat.metrics.accuracy import iterate_batches
 from egat.metrics.faithfulness import upsample_maps
+from egat.models.mode import model_mode
 
 
 def alignment_scores(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

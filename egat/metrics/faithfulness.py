@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from egat.attacks.base import model_mode
 from egat.metrics.accuracy import iterate_batches
+from egat.models.mode import model_mode
 
 Baseline = Literal["black", "blur", "mean"]
 

@@ -16,9 +16,9 @@ import torch
 from scipy.stats import ConstantInputWarning, pearsonr, rankdata
 from torch import nn
 
-from egat.attacks.base import model_mode
 from egat.metrics.accuracy import iterate_batches
 from egat.metrics.faithfulness import descending_ranks, top_count
+from egat.models.mode import model_mode
 
 
 def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from egat.config import Params, params_from_dict
+from egat.build import params_from_dict
+from egat.config import Params
 from egat.errors import EgatError
 from egat.tracking import NullTracker, Tracker
 from egat.tracking.mlflow_tracker import retry_locked
