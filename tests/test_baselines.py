@@ -161,6 +161,28 @@ def test_ign_loss_is_ce_plus_ig_norm_at_the_replayed_inner_max():
     assert model.fc.weight.grad.abs().sum() > 0
 
 
+def test_ign_inner_max_is_the_loop_it_replaced_bit_for_bit():
+    """IGNormAttack (Attack's bounds, uniform_start, ascend_) against the hand-written loop IGN
+    had before: the same random draws and the same arithmetic, so the same x' to the bit."""
+    model = tiny_classifier().train()
+    method = build_method(model, params_for("ign", attack_m=3, steps=3))
+    x, y = make_batch()["image"], make_batch()["label"]
+    eps, alpha = 0.03, 0.01
+    torch.manual_seed(5)
+    lower, upper = (x - eps).clamp(min=0.0), (x + eps).clamp(max=1.0)
+    expected = torch.empty_like(x).uniform_(-eps, eps).add_(x).clamp_(lower, upper)
+    model.eval()
+    for _ in range(3):
+        expected.requires_grad_(True)
+        ig = integrated_gradients(model, x, expected, y, 3, create_graph=True)
+        (grad,) = torch.autograd.grad(ig.abs().sum(), expected)
+        expected = expected.detach().add_(grad.sign(), alpha=alpha).clamp_(lower, upper)
+    model.train()
+    torch.manual_seed(5)
+    assert torch.equal(method.inner_max(x, y), expected)
+
+
+
 def test_ign_ig_term_runs_in_eval_mode_and_leaves_batchnorm_statistics_alone():
     model = tiny_classifier().train()
     model.backbone[1] = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU())
