@@ -99,17 +99,13 @@ def method_hparams(params: Params, name: str | None = None) -> MethodConfig:
     return method_registry.get(name).Config(**(params.methods.get(name) or {}))
 
 
-def _guide_sigma(params: Params) -> float:
-    guides = params.guides
-    return guides.sigma if guides.variant == "noisy" else 0.0
-
-
 # What a method's constructor may ask for by name, besides its hyperparameters, and where the
 # params keep it (built in this order).
 METHOD_COMPONENTS: dict[str, Callable[[Classifier, Params], Any]] = {
     "explainer": lambda model, p: build_explainer(p.explainer.name, model, p.explainer),
     "attack": lambda model, p: build_attack(model, p.attack),
-    "guide_sigma": lambda model, p: _guide_sigma(p),
+    # the guide maps' noise: the noisy guide variant's sigma, none for the others
+    "guide_sigma": lambda model, p: p.guides.sigma if p.guides.variant == "noisy" else 0.0,
     "guide_seed": lambda model, p: p.guides.seed,
     "eps": lambda model, p: p.attack.eps,
     "alpha": lambda model, p: p.attack.alpha,
