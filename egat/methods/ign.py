@@ -9,8 +9,8 @@ invariant to the input scale, so the authors' weights carry over to pixel-scale 
 The inner max (:class:`IGNormAttack`) runs ``steps`` signed-gradient steps of size ``alpha``
 within ``eps`` (model in ``attack_model_mode``; the params' ``attack`` group gives all three) on
 ||IG||_1, always from PGD's random start (at x' = x the IG is 0 and its L1 norm has a zero
-gradient), differentiating through IG (double backprop) with the coarser ``attack_m``-point sum (the authors' "approx" attack:
-m / approx_factor = 50 / 10 = 5 points). The outer term differentiates through IG at the found x'
+gradient), differentiating through IG (double backprop) with the coarser ``attack_m``-point sum
+(the authors' "approx" attack: m / approx_factor = 50 / 10 = 5 points). The outer term differentiates through IG at the found x'
 (create_graph). Defaults: lambda 0.1 (the authors' natural-image setting, Flower), m 10 (theirs 50;
 docs/method.md, Baselines: small for speed), attack_m 5 (theirs 5), 3 inner steps (theirs 7).
 The IG term of the loss is computed with the model in ``ig_mode`` (default eval; the authors'
