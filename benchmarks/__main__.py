@@ -37,7 +37,7 @@ import torch
 from benchmarks import timing
 from benchmarks.timing import Row
 from egat import io
-from egat.config import load_params
+from egat.build import load_params
 from egat.errors import EgatError
 from egat.models import build_model
 

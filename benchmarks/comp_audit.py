@@ -23,7 +23,8 @@ BASELINES = ("black", "blur", "mean")
 
 
 def audit_run(checkpoint: Path, domain: str) -> dict[str, float]:
-    from egat.config import apply_overrides, params_from_dict
+    from egat.build import params_from_dict
+    from egat.config import apply_overrides
     from egat.data import read_splits
     from egat.data.splits import cue_free_root
     from egat.evaluation import _loader, costly_ids, evaluate_domain

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from egat import io
 from egat.attacks import PGD
-from egat.config import apply_overrides, load_params, params_from_dict
+from egat.build import load_params, params_from_dict
+from egat.config import apply_overrides
 from egat.data import DomainDataset, read_splits
 from egat.metrics.accuracy import evaluate_accuracy
 from egat.run.checkpoint import model_from_checkpoint

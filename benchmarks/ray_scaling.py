@@ -42,7 +42,7 @@ def main() -> None:
     from tabulate import tabulate
 
     from egat import stages
-    from egat.config import params_from_dict
+    from egat.build import params_from_dict
     from egat.train import cluster
     from egat.train.launch import fit
 

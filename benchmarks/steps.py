@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader
 
 from benchmarks import timing
 from benchmarks.timing import Row, round_robin
-from egat.attacks import build_attack
+from egat.build import build_attack, build_method
 from egat.config import Params
-from egat.methods import build_method, method_registry
+from egat.methods import method_registry
 from egat.models import build_model
 
 EGAT_VS_PGD_AT = 1.2  # target: an EGAT step <= 1.2x a PGD-AT step at the same PGD

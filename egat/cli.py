@@ -23,7 +23,7 @@ OVERRIDES = click.option(
 
 
 def _params(config: str, overrides: tuple[str, ...]):
-    from egat.config import load_params
+    from egat.build import load_params
 
     return load_params(config, list(overrides))
 
@@ -157,13 +157,13 @@ def evaluate_cell(config, overrides, method, variant, domain, seed) -> None:
 def robustness_cell(config, overrides, method, domain, seed) -> None:
     """Stage `robustness`: AutoAttack and the gradient-masking checklist on one run (the params'
     `robust` group), tracked in MLflow; writes evals/<method>/<domain>/seed<seed>/robust.json."""
-    from egat.config import _check_name
+    from egat.build import check_name
     from egat.methods import method_registry
     from egat.robustness import robust_run
 
     params = _params(config, overrides)
     try:
-        _check_name("--method", method, method_registry.names())
+        check_name("--method", method, method_registry.names())
     except ValueError as exc:
         raise EgatError(str(exc)) from None
     result = robust_run(params, method, domain, seed)

@@ -5,7 +5,9 @@ params.yaml repeats them (tests/test_config.py fails naming any key where the tw
 paper's values stay reachable by name (``methods.egat.preset: paper``, the comments in params.yaml).
 params.yaml is validated against these models when any stage or command starts; a bad key or value
 raises :class:`ParamsError` naming the key and what would be valid. ``--set a.b=v`` overrides are
-applied before validation (values are parsed as YAML).
+applied before validation (values are parsed as YAML). The names of methods, models, explainers
+and attacks are checked against their registries by egat/build.py (``load_params``), which every
+entry point loads params through: the schema imports no component.
 """
 
 from __future__ import annotations
@@ -200,9 +202,6 @@ class ModelParams(Strict):
     input_size: int | None = Field(None, ge=8, le=1024)
 
 
-EVALUATION_ATTACKS = ("fgsm", "mifgsm", "pgd", "apgd", "apgdt", "square", "autoattack")
-
-
 class AttackParams(Strict):
     # fgsm_rs and free are training-time attacks (fast adversarial training), not evaluation ones.
     # apgd, apgdt, square, autoattack: AutoAttack's attacks (Croce & Hein 2020; README, Robust evaluation).
@@ -225,9 +224,6 @@ class AttackParams(Strict):
         ["apgd", "apgdt", "square"], min_length=1)
 
     _frac = field_validator("eps", "alpha", mode="before")(lambda v: _fraction(v))
-
-
-TRAINING_ONLY_ATTACKS = ("fgsm_rs", "free")
 
 
 class TrainingAttackParams(AttackParams):
@@ -399,20 +395,6 @@ class EvalParams(Strict):
     stability_top: float = Field(0.1, gt=0, le=1)
     explainer: str = "gradcam"  # explainer of Comp/Suff/stability/alignment (options: `explainer`)
 
-    @field_validator("attack")
-    @classmethod
-    def _evaluation_attack(cls, v):
-        return _no_training_attack("", v)
-
-
-def _no_training_attack(key: str, attack: AttackParams) -> AttackParams:
-    if attack.name in TRAINING_ONLY_ATTACKS:
-        raise ValueError(
-            f"{key}name={attack.name!r} is a training-time attack; evaluate with "
-            f"{', '.join(EVALUATION_ATTACKS)}"
-        )
-    return attack
-
 
 class ChecklistParams(Strict):
     """The gradient-masking checks (a)-(e) of Carlini et al. 2019 (README, Robust evaluation)."""
@@ -475,11 +457,6 @@ class RobustParams(Strict):
             f"must be an integer >= 1 (images of a stratified subset of the test split) or 'all' "
             f"(the whole split), got {v!r}"
         )
-
-    @field_validator("attack")
-    @classmethod
-    def _evaluation_attack(cls, v):
-        return _no_training_attack("", v)
 
 
 class StudyParams(Strict):
@@ -652,7 +629,7 @@ class Params(Strict):
     explainer: ExplainerParams = ExplainerParams()
     attack: TrainingAttackParams = TrainingAttackParams()
     train: TrainParams = TrainParams()
-    methods: dict[str, dict[str, Any]] = {}  # per-method hyperparameters, validated by each method
+    methods: dict[str, dict[str, Any]] = {}  # per-method hyperparameters: each method's Config
     eval: EvalParams = EvalParams()
     study: StudyParams = StudyParams()
     robust: RobustParams = RobustParams()
@@ -660,71 +637,6 @@ class Params(Strict):
     # Keys owned by other stages (report, studies) pass through untouched.
     report: dict[str, Any] = {}
     tune: TuneParams = TuneParams()
-
-    @model_validator(mode="after")
-    def _names(self):
-        from egat.explain import explainer_registry
-        from egat.methods import method_registry
-        from egat.models import model_registry
-
-        _check_name("model.name", self.model.name, model_registry.names())
-        _check_name("explainer.name", self.explainer.name, explainer_registry.names())
-        _check_name("eval.explainer", self.eval.explainer, explainer_registry.names())
-        _check_name("train.method", self.train.method, method_registry.names())
-        for name in self.study.methods:
-            _check_name("study.methods", name, method_registry.names())
-        for name, cfg in self.methods.items():
-            _check_name(f"methods.{name}", name, method_registry.names())
-            try:
-                method_registry.get(name).Config(**(cfg or {}))
-            except ValidationError as exc:  # re-raised with the full key path
-                raise ValueError(format_validation_error(exc, f"methods.{name}", "")) from None
-        _check_name("tune.method", self.tune.method, method_registry.names())
-        _check_name("robust.transfer_from", self.robust.transfer_from, method_registry.names())
-        _check_name("robust.transfer_fallback", self.robust.transfer_fallback,
-                    method_registry.names())
-        for key in ("transfer_from", "transfer_fallback"):  # the robustness stage's runs
-            if getattr(self.robust, key) not in self.study.methods:
-                raise ValueError(
-                    f"robust.{key}={getattr(self.robust, key)!r} is not in study.methods "
-                    f"({', '.join(self.study.methods)}), so its runs are never trained; set it "
-                    f"to one of them")
-        self._check_studies(method_registry.names())
-        return self
-
-    def _check_studies(self, methods: list[str]) -> None:
-        """Every name the studies use is a variant (:func:`all_variants`) or a registered method."""
-        st = self.studies
-        variants = all_variants(self)
-        for name, variant in variants.items():
-            _check_name(f"studies.variants.{name}.method", variant.method, methods)
-            if name in methods:
-                raise ValueError(f"studies.variants.{name}: a variant may not be named like a method")
-        runs = sorted(variants) + methods  # rows without runs are reported as not run
-        _check_name_list("study.references", self.study.references, sorted(variants))
-        _check_name_list("studies.train", st.train, sorted(variants))
-        for key in ("sensitivity", "ablation", "case_study.runs"):
-            group, _, sub = key.partition(".")
-            _check_name_list(f"studies.{key}", getattr(getattr(st, group), sub) if sub
-                             else getattr(st, group), runs)
-        _check_name_list("studies.runtime", st.runtime, sorted(variants))
-
-    def method_config(self, name: str | None = None):
-        """The validated hyperparameters of a method (defaults + methods.<name> overrides)."""
-        from egat.methods import method_registry
-
-        name = name or self.train.method
-        return method_registry.get(name).Config(**(self.methods.get(name) or {}))
-
-
-def _check_name(key: str, value: str, valid: list[str]) -> None:
-    if value not in valid:
-        raise ValueError(f"{key}={value!r} is unknown; valid: {', '.join(valid)}")
-
-
-def _check_name_list(key: str, values: list[str], valid: list[str]) -> None:
-    for value in values:
-        _check_name(key, value, valid)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -757,7 +669,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def params_from_dict(raw: dict, source: str = "params") -> Params:
+def parse_params(raw: dict, source: str = "params") -> Params:
+    """``raw`` validated against the schema (names unchecked: egat/build.py's ``params_from_dict``
+    checks them too)."""
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
@@ -779,8 +693,10 @@ def format_validation_error(exc: ValidationError, source: str, prefix: str = "in
     return (f"{source}: {prefix}" if prefix else "") + "; ".join(parts)
 
 
-def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Load, override and validate params. ``path=None`` uses the built-in defaults."""
+def read_params(path: str | Path | None = "params.yaml",
+                overrides: list[str] | None = None) -> tuple[dict, str]:
+    """(raw params, their source): the file read and overridden, not yet validated.
+    ``path=None`` starts from the built-in defaults."""
     raw: dict = {}
     source = "defaults"
     if path is not None:
@@ -794,5 +710,4 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
             raise ParamsError(f"{p}: not valid YAML: {yaml_problem(exc)}") from None
         if not isinstance(raw, dict):
             raise ParamsError(f"{p}: expected a mapping of stage groups at the top level")
-    raw = apply_overrides(raw, overrides or [])
-    return params_from_dict(raw, source)
+    return apply_overrides(raw, overrides or []), source

@@ -18,12 +18,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from egat.attacks import build_attack, model_mode
+from egat.build import build_attack, build_explainer
 from egat.config import Params
 from egat.data import DomainDataset, read_splits
 from egat.data.splits import cue_free_root
 from egat.data.subsets import stratified_indices, stratified_subset
-from egat.explain import build_explainer
 from egat.metrics import (
     accumulate,
     alignment_scores,
@@ -35,7 +34,7 @@ from egat.metrics import (
     stability_scores,
 )
 from egat.metrics.catalog import METRIC_NAMES, PERCENT_METRICS
-from egat.models import Classifier
+from egat.models import Classifier, model_mode
 from egat.resources import suggest_batch_size_on_oom
 from egat.seeding import seeded_scope
 
@@ -219,7 +218,8 @@ def evaluate_model(
 
 def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str] | None = None) -> dict:
     """Evaluate a best.pt with the params stored in it (``overrides`` adjust eval/data keys)."""
-    from egat.config import apply_overrides, params_from_dict
+    from egat.build import params_from_dict
+    from egat.config import apply_overrides
     from egat.run.checkpoint import model_from_checkpoint, training_domains
     from egat.run.device import resolve_device
 

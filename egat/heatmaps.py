@@ -119,8 +119,7 @@ def explain_images(
 ) -> list[Explained]:  # fmt: skip
     """Overlays of the predicted class's explanation (and of the same class under ``attack_name``,
     the checkpoint's ``eval.attack`` with that name) for each image file."""
-    from egat.attacks import build_attack
-    from egat.explain import build_explainer
+    from egat.build import build_attack, build_explainer
     from egat.run.checkpoint import model_from_checkpoint
 
     model, params, ckpt = model_from_checkpoint(checkpoint)

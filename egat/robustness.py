@@ -30,12 +30,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from egat import io
-from egat.attacks import Ensemble, build_attack, model_mode
+from egat.attacks import Ensemble
 from egat.attacks.apgdt import MIN_CLASSES as APGDT_MIN_CLASSES
+from egat.build import build_attack
 from egat.config import Params
 from egat.data.subsets import stratified_indices
 from egat.errors import EgatError
 from egat.metrics import iterate_batches
+from egat.models.mode import model_mode
 from egat.run.layout import BEST, EVALS, robust_path, run_dir
 from egat.seeding import seeded_scope
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from egat import io
-from egat.config import Params, params_from_dict
+from egat.build import method_hparams, params_from_dict
+from egat.config import Params
 from egat.errors import DataError, ParamsError
 from egat.run.layout import BEST, CHECKPOINT_ARTIFACTS, EVALS, METRICS, eval_path, run_dir
 from egat.tracking.datasets import split_inputs
@@ -109,7 +110,7 @@ def check_domain(params: Params, domain: str) -> None:
 def _logged_params(cell: Params, method: str) -> dict:
     """Params for MLflow: everything, with the run's method hyperparameters fully resolved."""
     raw = cell.model_dump(mode="json")
-    raw["methods"] = {method: cell.method_config(method).model_dump(mode="json")}
+    raw["methods"] = {method: method_hparams(cell, method).model_dump(mode="json")}
     return raw
 
 

@@ -18,7 +18,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from egat.config import Params, all_variants, apply_overrides, params_from_dict
+from egat.build import params_from_dict
+from egat.config import Params, all_variants, apply_overrides
 from egat.errors import EgatError
 from egat.run.layout import BEST, EVALS, TIMING, VARIANTS, cell_dir
 from egat.seeding import seeded_scope
@@ -256,8 +257,7 @@ def plot_case_study(params: Params, names: Sequence[str], path: str | Path) -> l
     evaluation attack] with the run's prediction on each; returns the runs drawn."""
     import torch
 
-    from egat.attacks import build_attack
-    from egat.explain import build_explainer
+    from egat.build import build_attack, build_explainer
     from egat.heatmaps import overlay
     from egat.run.checkpoint import model_from_checkpoint
 

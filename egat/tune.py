@@ -32,7 +32,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from egat.config import TUNE_KEYS, Params, TuneParams, params_from_dict
+from egat.build import params_from_dict
+from egat.config import TUNE_KEYS, Params, TuneParams
 from egat.errors import EgatError
 
 # The validation metrics each objective needs from the Trainer.

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from egat import stages
-from egat.config import Params, params_from_dict
+from egat.build import params_from_dict
+from egat.config import Params
 from egat.models import Classifier
 
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from egat.attacks import FGSM, MIFGSM, PGD, Attack, attack_registry, build_attack
+from egat.attacks import FGSM, MIFGSM, PGD, Attack, attack_registry
+from egat.build import build_attack
 from egat.config import AttackParams
 from egat.models.classifier import Classifier
 

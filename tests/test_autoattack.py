@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from egat.attacks import APGD, APGDT, PGD, Attack, AutoAttack, Ensemble, Square, build_attack
+from egat.attacks import APGD, APGDT, PGD, Attack, AutoAttack, Ensemble, Square
 from egat.attacks.autoattack import CLEAN_WRONG, ROBUST
+from egat.build import build_attack
 from egat.config import AttackParams
 
 EPS = 8 / 255
@@ -197,7 +198,7 @@ def test_without_torchattacks_the_attacks_say_how_to_install_it(monkeypatch):
 
 
 def test_the_attack_sweep_runs_apgd_by_default():
-    from egat.config import params_from_dict
+    from egat.build import params_from_dict
     from egat.evaluation import attack_sweep
 
     assert "apgd" in params_from_dict({}).eval.sweep.attacks

@@ -8,9 +8,8 @@ import torch.nn.functional as F
 from captum.attr import IntegratedGradients, Saliency
 from torch import nn
 
-from egat.config import params_from_dict
+from egat.build import build_method, params_from_dict
 from egat.errors import ParamsError
-from egat.methods import build_method
 from egat.methods.ign import integrated_gradients, ig_norm
 from egat.methods.irm import irm_penalty
 from egat.models import Classifier
@@ -146,7 +145,7 @@ def test_ign_loss_is_ce_plus_ig_norm_at_the_replayed_inner_max():
     torch.manual_seed(3)
     start = (x + torch.empty_like(x).uniform_(-0.03, 0.03)).clamp(0, 1)  # the method's first draw
     torch.manual_seed(3)
-    x_adv = method.maximise(x, y)
+    x_adv = method.inner_max(x, y)
     assert (x_adv - x).abs().max() <= 0.03 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     inner = lambda z: ig_norm(integrated_gradients(model, x, z, y, 4)).item()  # noqa: E731
     assert inner(x_adv) > inner(start)  # the inner max ascends ||IG||_1
@@ -160,6 +159,28 @@ def test_ign_loss_is_ce_plus_ig_norm_at_the_replayed_inner_max():
     assert out.loss.item() == pytest.approx((cls + 0.7 * norm).item(), rel=1e-5)
     out.loss.backward()  # differentiable through IG (create_graph)
     assert model.fc.weight.grad.abs().sum() > 0
+
+
+def test_ign_inner_max_is_the_loop_it_replaced_bit_for_bit():
+    """IGNormAttack (Attack's bounds, uniform_start, ascend_) against the hand-written loop IGN
+    had before: the same random draws and the same arithmetic, so the same x' to the bit."""
+    model = tiny_classifier().train()
+    method = build_method(model, params_for("ign", attack_m=3, steps=3))
+    x, y = make_batch()["image"], make_batch()["label"]
+    eps, alpha = 0.03, 0.01
+    torch.manual_seed(5)
+    lower, upper = (x - eps).clamp(min=0.0), (x + eps).clamp(max=1.0)
+    expected = torch.empty_like(x).uniform_(-eps, eps).add_(x).clamp_(lower, upper)
+    model.eval()
+    for _ in range(3):
+        expected.requires_grad_(True)
+        ig = integrated_gradients(model, x, expected, y, 3, create_graph=True)
+        (grad,) = torch.autograd.grad(ig.abs().sum(), expected)
+        expected = expected.detach().add_(grad.sign(), alpha=alpha).clamp_(lower, upper)
+    model.train()
+    torch.manual_seed(5)
+    assert torch.equal(method.inner_max(x, y), expected)
+
 
 
 def test_ign_ig_term_runs_in_eval_mode_and_leaves_batchnorm_statistics_alone():
@@ -176,7 +197,7 @@ def test_ign_ig_term_runs_in_eval_mode_and_leaves_batchnorm_statistics_alone():
     assert bn.num_batches_tracked.item() == 1  # only the clean CE pass ran in train mode
     assert model.training and bn.training
     torch.manual_seed(1)
-    x_adv = before.maximise(x, y)
+    x_adv = before.inner_max(x, y)
     model.eval()
     expected = ig_norm(integrated_gradients(model, x, x_adv, y, 4))
     assert out.terms["ig"].item() == pytest.approx(expected.item(), rel=1e-5)

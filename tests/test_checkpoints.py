@@ -92,7 +92,7 @@ def config_file(tmp_path, raw: dict):
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_damaged_last_pt_stops_the_run_and_names_train_resume(
         kind, folder_params, good_bytes, tmp_path, capsys, monkeypatch):
-    from egat.config import params_from_dict
+    from egat.build import params_from_dict
 
     run = tmp_path / "run"
     Trainer(params_from_dict(folder_params), run).fit()
@@ -111,7 +111,7 @@ def test_a_damaged_last_pt_stops_the_run_and_names_train_resume(
 
 
 def test_a_training_state_of_the_wrong_shape_is_no_resume_point(folder_params, tmp_path):
-    from egat.config import params_from_dict
+    from egat.build import params_from_dict
 
     run = tmp_path / "run"
     run.mkdir()
@@ -123,7 +123,7 @@ def test_a_training_state_of_the_wrong_shape_is_no_resume_point(folder_params, t
 
 def test_train_resume_false_discards_last_pt_and_starts_over(folder_params, good_bytes, tmp_path,
                                                               monkeypatch):
-    from egat.config import params_from_dict
+    from egat.build import params_from_dict
 
     reference = Trainer(params_from_dict(folder_params), tmp_path / "reference").fit()
     run = tmp_path / "run"
@@ -140,7 +140,7 @@ def test_train_resume_false_discards_last_pt_and_starts_over(folder_params, good
 
 def test_a_finished_run_retrains_when_its_images_changed(tmp_path, caplog):
     from egat import stages
-    from egat.config import params_from_dict
+    from egat.build import params_from_dict
 
     params = params_from_dict({**tiny_folder_data(tmp_path), **TINY_TRAIN})
     run = tmp_path / "run"

@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from egat.config import Params, params_from_dict
+from egat.build import params_from_dict
+from egat.config import Params
 from egat.errors import EgatError
 from tests.faults import WorkerFault
 from tests.helpers import (

@@ -3,9 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from egat.config import (
-    RUNTIME_KEYS, TUNE_KEYS, Params, TrainParams, all_variants, load_params, params_from_dict,
-)
+from egat.build import load_params, method_hparams, params_from_dict
+from egat.config import RUNTIME_KEYS, TUNE_KEYS, Params, TrainParams, all_variants
 from egat.errors import ParamsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +54,7 @@ def test_overrides_and_missing_file(tmp_path):
     f.write_text("train:\n  steps: 5\n")
     p = load_params(f, ["train.steps=7", "methods.egat.preset=paper"])
     assert p.train.steps == 7
-    cfg = p.method_config("egat")
+    cfg = method_hparams(p, "egat")
     assert (cfg.lambda_adv, cfg.lambda_sparse) == (0.5, 1.0)
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "missing.yaml")
@@ -65,10 +64,10 @@ def test_overrides_and_missing_file(tmp_path):
 
 def test_presets_and_explicit_values():
     p = params_from_dict({"methods": {"egat": {"lambda_adv": 2}}})
-    cfg = p.method_config()
+    cfg = method_hparams(p)
     assert (cfg.lambda_adv, cfg.lambda_egl, cfg.lambda_mix, cfg.lambda_sparse) == (2, 10, 1, 0.2)
-    assert p.method_config("egat_wo_at").lambda_adv == 0
-    wo = p.method_config("egat_wo_egl")
+    assert method_hparams(p, "egat_wo_at").lambda_adv == 0
+    wo = method_hparams(p, "egat_wo_egl")
     assert wo.lambda_egl == 0 and wo.mix_explanation is False
 
 
@@ -101,8 +100,8 @@ def disagreements(path: Path) -> list[str]:
     pairs = [(leaves(shown.model_dump(mode="json", exclude={"methods"})),
               leaves(code.model_dump(mode="json", exclude={"methods"})))]
     for name in sorted(shown.methods):
-        pairs.append((leaves(shown.method_config(name).model_dump(mode="json"), f"methods.{name}"),
-                      leaves(code.method_config(name).model_dump(mode="json"), f"methods.{name}")))
+        pairs.append((leaves(method_hparams(shown, name).model_dump(mode="json"), f"methods.{name}"),
+                      leaves(method_hparams(code, name).model_dump(mode="json"), f"methods.{name}")))
     missing = object()
     return [f"{key}: file {a.get(key, '<absent>')!r}, code {b.get(key, '<absent>')!r}"
             for a, b in pairs for key in sorted(a.keys() | b.keys())
@@ -133,7 +132,7 @@ def test_silent_keys_keep_the_study_values():
     assert (p.attack.steps, p.attack.alpha, p.eval.attack.steps) == (3, 0.0261, 10)
     assert (p.robust.attack.name, p.robust.attack.targets, p.robust.attack.queries) == (
         "autoattack", 3, 200)
-    assert p.method_config("egat").lambda_egl == 10
+    assert method_hparams(p, "egat").lambda_egl == 10
 
 
 def test_the_tune_space_holds_the_study_values():
@@ -141,7 +140,7 @@ def test_the_tune_space_holds_the_study_values():
     p = Params()
     for key, space in p.tune.searched().items():
         group, *path = TUNE_KEYS[key].format(method=p.tune.method).split(".")
-        node = p.method_config(path.pop(0)) if group == "methods" else getattr(p, group)
+        node = method_hparams(p, path.pop(0)) if group == "methods" else getattr(p, group)
         for part in path:
             node = getattr(node, part)
         if space.values is not None:

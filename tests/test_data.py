@@ -233,7 +233,7 @@ def test_dataset_serves_cue_free_renders_with_their_own_guides(embedded, tmp_pat
     ({"tint_match": [0.9, 0.8, 0.7, 0.6]}, "tint_match was renamed cue_match"),
 ])
 def test_bad_cue_params_name_the_key(raw, message):
-    from egat.config import params_from_dict
+    from egat.build import params_from_dict
     from egat.errors import ParamsError
 
     with pytest.raises(ParamsError, match=re.escape(message)) as info:

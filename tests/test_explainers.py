@@ -7,15 +7,15 @@ import torch.nn.functional as F
 from captum.attr import IntegratedGradients as CaptumIG
 from captum.attr import NoiseTunnel, Saliency
 
-from egat.config import ExplainerParams, params_from_dict
+from egat.build import build_explainer, build_method, params_from_dict
+from egat.config import ExplainerParams
 from egat.errors import ParamsError
-from egat.explain import build_explainer, explainer_registry, normalise_maps
+from egat.explain import explainer_registry, normalise_maps
 from egat.explain.finercam import FinerCAM
 from egat.explain.gradcam import GradCAM
 from egat.explain.ig import IntegratedGradients
 from egat.explain.smoothgrad import SmoothGrad
 from egat.data.guides import guide_at
-from egat.methods import build_method
 from egat.methods.base import distance
 from tests.helpers import make_batch, params_for, tiny_classifier
 

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from egat.attacks import FGSMRandomStart, FreePerturbation, build_attack
-from egat.config import AttackParams, params_from_dict
+from egat.attacks import FGSMRandomStart, FreePerturbation
+from egat.build import build_attack, params_from_dict
+from egat.config import AttackParams
 from egat.errors import ParamsError
 from egat.train import Trainer
 from egat.train.guard import OverfitGuard

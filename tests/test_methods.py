@@ -3,9 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
+from egat.attacks import PGD
+from egat.build import build_method
 from egat.explain.gradcam import GradCAM
-from egat.methods import build_method, method_registry
+from egat.methods import method_registry
+from egat.methods.egat import EGAT
 from tests.helpers import make_batch, params_for, tiny_classifier
 
 
@@ -43,6 +47,23 @@ def test_egat_terms_match_spec_formulas():
     for name, value in {"cls": cls, "adv": adv, "egl": egl, "mix": mix}.items():
         assert out.terms[name].item() == pytest.approx(value.item(), abs=1e-5), name
     assert out.loss.item() == pytest.approx(total.item(), abs=1e-5)
+
+
+def test_egat_takes_plain_arguments_as_build_method_supplies_them():
+    model = tiny_classifier()
+    built = build_method(model, params_for("egat", lambda_adv=2.0, lambda_mix=0.5))
+    plain = EGAT(model, explainer=GradCAM(model), attack=PGD(model, eps=0.03, alpha=0.01, steps=3),
+                 lambda_adv=2.0, lambda_mix=0.5)
+    assert plain.config == built.config and plain.config.lambda_sparse == 0.2  # the preset's
+    batch = make_batch()
+    torch.manual_seed(0)
+    expected = built.loss(batch)
+    torch.manual_seed(0)
+    assert torch.equal(plain.loss(batch).loss, expected.loss)
+    with pytest.raises(ValueError, match="EGAT: lambda_adv > 0 needs an attack"):
+        EGAT(model, explainer=GradCAM(model))
+    with pytest.raises(ValidationError, match="lambda_adv"):
+        EGAT(model, explainer=GradCAM(model), lambda_adv=-1.0)
 
 
 def test_egat_without_at_computes_no_attack():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from egat.attacks import PGD
-from egat.config import params_from_dict
+from egat.build import params_from_dict
 from egat.evaluation import costly_scores, evaluate_domain
 from egat.metrics import (
     accumulate,

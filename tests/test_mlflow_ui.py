@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from egat import stages
-from egat.config import params_from_dict
+from egat.build import params_from_dict
 from tests.helpers import prepared, ray_test_env, tiny_folder_data, wait_for_server
 from tests.test_pipeline import BIN, TINY, env_for, free_port
 

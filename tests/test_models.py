@@ -104,7 +104,7 @@ def test_input_size_gives_imagenet_backbones_a_spatial_map_on_small_images(name)
 
 
 def test_input_size_param_is_validated():
-    from egat.config import load_params
+    from egat.build import load_params
     from egat.errors import ParamsError
 
     with pytest.raises(ParamsError, match=r"model\.input_size"):

@@ -10,7 +10,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from egat.config import Params, load_params
+from egat.build import load_params
+from egat.config import Params
 from egat.errors import ParamsError
 
 ROOT = Path(__file__).resolve().parents[1]

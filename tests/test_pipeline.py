@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from egat import stages
-from egat.config import load_params, params_from_dict
+from egat.build import load_params, params_from_dict
 from egat.errors import EgatError
 from tests.helpers import prepared, wait_for_server
 

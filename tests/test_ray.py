@@ -22,7 +22,8 @@ import pytest
 import torch
 import yaml
 
-from egat.config import Params, params_from_dict
+from egat.build import params_from_dict
+from egat.config import Params
 from egat.errors import EgatError
 from egat.train import cluster, ray_train
 from egat.train.launch import choose_backend, fit

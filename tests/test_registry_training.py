@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from egat.config import params_from_dict
+from egat.build import params_from_dict
 from egat.evaluation import evaluate_checkpoint
 from egat.methods import method_registry
 from egat.train import Trainer

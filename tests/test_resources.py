@@ -14,12 +14,11 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from egat.attacks import build_attack
+from egat.build import build_attack, build_explainer, params_from_dict
 from egat.cli import main
-from egat.config import params_from_dict
 from egat.errors import EgatError
 from egat.evaluation import evaluate_domain, evaluate_model
-from egat.explain import build_explainer
+from egat.build import build_explainer
 from egat.metrics import alignment_scores, evaluate_accuracy, faithfulness, spearman_rows, top_intersection
 from egat.models import Classifier, model_registry
 from tests.helpers import tiny_classifier, tiny_folder_data

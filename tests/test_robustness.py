@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from egat.config import params_from_dict
+from egat.build import params_from_dict
 from egat.errors import EgatError, ParamsError
 from egat.robustness import robust_metrics, robust_run, stratified_subset
 from egat.run.layout import robust_path, run_dir

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from egat.config import params_from_dict
+from egat.build import params_from_dict
 from egat.errors import EgatError
 from egat.run.device import choose_gpu, resolve_device
 from egat.run.layout import (

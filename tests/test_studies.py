@@ -11,7 +11,7 @@ import cv2
 import pandas as pd
 import pytest
 
-from egat.config import params_from_dict
+from egat.build import params_from_dict
 from egat.errors import EgatError, ParamsError
 from egat.run.layout import run_dir
 from egat.studies import (

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from egat import stages
-from egat.config import TuneParams, apply_overrides, params_from_dict
+from egat.build import method_hparams, params_from_dict
+from egat.config import TuneParams, apply_overrides
 from egat.errors import EgatError, ParamsError
 from egat.tune import (
     best_params_text,
@@ -110,7 +111,7 @@ def test_trial_params_set_the_lambdas_budget_and_validation(objective, val_metri
                  "workers": 2},
     })
     trial = trial_params(params, {"lambda_adv": 2.5, "lambda_sparse": 0.05})
-    cfg = trial.method_config("egat")
+    cfg = method_hparams(trial, "egat")
     assert (cfg.lambda_adv, cfg.lambda_sparse, cfg.lambda_egl) == (2.5, 0.05, 10.0)
     t = trial.train
     assert (t.method, t.steps, t.eval_every, t.checkpoint_every) == ("egat", 12, 4, 4)
@@ -132,7 +133,7 @@ def test_best_params_yaml_is_what_dvc_exp_run_and_params_take():
     sets = [part for part in command.split() if "=" in part]
     assert sets == ["methods.egat.lambda_adv=3.142", "methods.egat.lambda_egl=0.5"]
     merged = params_from_dict(apply_overrides(params.model_dump(mode="json"), sets))
-    assert merged.method_config("egat").lambda_adv == 3.142
+    assert method_hparams(merged, "egat").lambda_adv == 3.142
 
 
 def test_search_algorithms_and_schedulers():

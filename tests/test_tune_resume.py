@@ -142,7 +142,7 @@ def test_a_run_resumed_after_its_last_step_reports_its_objective_again(tmp_path)
 def test_resume_without_a_search_is_one_error_before_ray_starts(tmp_path, monkeypatch):
     import ray
 
-    from egat.config import params_from_dict
+    from egat.build import params_from_dict
     from egat.tune import run_search
 
     monkeypatch.chdir(tmp_path)
@@ -154,7 +154,7 @@ def test_resume_without_a_search_is_one_error_before_ray_starts(tmp_path, monkey
 
 
 def test_resume_refuses_other_params_and_a_finished_search(tmp_path):
-    from egat.config import params_from_dict
+    from egat.build import params_from_dict
     from egat.tune import SEARCH_FILE, resumable_search
 
     params = params_from_dict(tune_params(tmp_path))

@@ -2,13 +2,13 @@
 
 Registered names: ``fgsm``, ``mifgsm``, ``pgd``, AutoAttack's ``apgd`` (APGD-CE), ``apgdt``
 (APGD-T, targeted DLR), ``square`` and ``autoattack`` (the ensemble), and the training-time
-``fgsm_rs``, ``free``; :func:`build_attack` maps :class:`AttackParams`.
+``fgsm_rs``, ``free``. They take plain keyword arguments; egat/build.py maps the params onto them.
 """
 
 from egat.attacks.apgd import APGD
 from egat.attacks.apgdt import APGDT
 from egat.attacks.autoattack import AutoAttack, Ensemble
-from egat.attacks.base import Attack, attack_registry, build_attack, model_mode
+from egat.attacks.base import Attack, attack_registry
 from egat.attacks.fgsm import FGSM
 from egat.attacks.fgsm_rs import FGSMRandomStart
 from egat.attacks.free import FreePerturbation
@@ -18,5 +18,5 @@ from egat.attacks.square import Square
 
 __all__ = [
     "APGD", "APGDT", "Attack", "AutoAttack", "Ensemble", "FGSM", "FGSMRandomStart",
-    "FreePerturbation", "MIFGSM", "PGD", "Square", "attack_registry", "build_attack", "model_mode",
+    "FreePerturbation", "MIFGSM", "PGD", "Square", "attack_registry",
 ]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from egat.attacks.base import ModelMode, attack_registry
+from egat.attacks.base import attack_registry
 from egat.attacks.library import LibraryAttack
-from egat.config import AttackParams
+from egat.models.mode import ModelMode
 
 
 @attack_registry.register("apgd")
@@ -26,16 +26,9 @@ class APGD(LibraryAttack):
 
     def __init__(self, model: nn.Module, eps: float, steps: int = 100, restarts: int = 1,
                  model_mode: ModelMode = "eval"):
-        super().__init__(model, eps, model_mode)
+        super().__init__(model, eps, restarts, model_mode)
         self._require_steps(steps)
-        self._require_restarts(restarts)
         self.steps = int(steps)
-        self.restarts = int(restarts)
-
-    @classmethod
-    def from_params(cls, model: nn.Module, params: AttackParams, eps: float) -> "APGD":
-        return cls(model, eps, steps=params.steps, restarts=params.restarts,
-                   model_mode=params.model_mode)
 
     def build(self, num_classes: int):
         return self._torchattacks.APGD(self.model, norm="Linf", eps=self.eps, steps=self.steps,

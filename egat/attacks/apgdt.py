@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from egat.attacks.base import ModelMode, attack_registry
-from egat.attacks.library import LibraryAttack
-from egat.config import AttackParams
+from egat.attacks.apgd import APGD
+from egat.attacks.base import attack_registry
+from egat.models.mode import ModelMode
 
 # The targeted DLR loss divides by z_max - (z_3 + z_4) / 2: it needs four classes.
 MIN_CLASSES = 4
 
 
 @attack_registry.register("apgdt")
-class APGDT(LibraryAttack):
+class APGDT(APGD):
     """APGD on the targeted difference-of-logits-ratio loss, once per target class: the
     ``targets`` classes ranked highest after the true one (AutoAttack: 9), per image the first
     that fools the model kept. The DLR loss is invariant to the logits' scale and shift, so it does
@@ -30,19 +30,10 @@ class APGDT(LibraryAttack):
 
     def __init__(self, model: nn.Module, eps: float, steps: int = 100, restarts: int = 1,
                  targets: int = 9, model_mode: ModelMode = "eval"):
-        super().__init__(model, eps, model_mode)
-        self._require_steps(steps)
-        self._require_restarts(restarts)
+        super().__init__(model, eps, steps, restarts, model_mode)
         if targets < 1:
             raise ValueError(f"{type(self).__name__}: targets must be >= 1, got {targets}")
-        self.steps = int(steps)
-        self.restarts = int(restarts)
         self.targets = int(targets)
-
-    @classmethod
-    def from_params(cls, model: nn.Module, params: AttackParams, eps: float) -> "APGDT":
-        return cls(model, eps, steps=params.steps, restarts=params.restarts,
-                   targets=params.targets, model_mode=params.model_mode)
 
     def build(self, num_classes: int):
         if num_classes < MIN_CLASSES:

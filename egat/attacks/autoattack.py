@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from egat.attacks.base import Attack, ModelMode, attack_registry, build_attack, model_mode
-from egat.config import AttackParams
+from egat.attacks.base import Attack, attack_registry
+from egat.models.mode import ModelMode, model_mode
 
 # fooled_by codes besides a member's index
 ROBUST = -1  # no member fooled the image
@@ -80,17 +80,13 @@ class Ensemble(Attack):
 
 @attack_registry.register("autoattack")
 class AutoAttack(Ensemble):
-    """The AutoAttack ensemble of ``params.ensemble`` (default APGD-CE, APGD-T, Square: the
-    standard version without FAB-T), every member built from the same params and eps.
+    """The AutoAttack ensemble: the :class:`Ensemble` of its members, by default APGD-CE, APGD-T
+    and Square (the standard version without FAB-T; egat/build.py builds the members of
+    ``params.ensemble``, each with the same params and eps).
 
     Example::
 
-        attack = build_attack(model, params.robust.attack)    # name: autoattack
+        attack = AutoAttack(model, [APGD(model, 8 / 255), APGDT(model, 8 / 255),
+                                    Square(model, 8 / 255)])
         x_adv = attack(images, labels)
     """
-
-    @classmethod
-    def from_params(cls, model: nn.Module, params: AttackParams, eps: float) -> "AutoAttack":
-        members = [build_attack(model, params.model_copy(update={"name": name}), eps)
-                   for name in params.ensemble]
-        return cls(model, members, model_mode=params.model_mode)

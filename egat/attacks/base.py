@@ -1,4 +1,4 @@
-"""The attack base class, its model-mode policy and the attack registry.
+"""The attack base class and the attack registry.
 
 Every attack is an L_inf attack in pixel scale: it maximises the cross-entropy of the model on the
 true labels within ``||x' - x||_inf <= eps`` and keeps ``x'`` in [0, 1]. Models normalise inside
@@ -7,42 +7,14 @@ true labels within ``||x' - x||_inf <= eps`` and keeps ``x'`` in [0, 1]. Models 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from egat.config import AttackParams
+from egat.models.mode import ModelMode, model_mode
 from egat.registry import Registry
 
-ModelMode = Literal["eval", "train"]
-
 attack_registry: Registry[type["Attack"]] = Registry("attack")
-
-
-@contextmanager
-def model_mode(model: nn.Module, mode: ModelMode) -> Iterator[nn.Module]:
-    """Put ``model`` in ``mode`` ("eval" | "train") for the block, then restore every submodule's.
-
-    Restoring module-wise (rather than ``model.train(previous)``) keeps mixed states intact, e.g. a
-    frozen BatchNorm left in eval inside a model in train mode. The restore runs on exceptions too.
-
-    Example::
-
-        with model_mode(model, "eval"):
-            logits = model(x)
-    """
-    if mode not in ("eval", "train"):
-        raise ValueError(f"model_mode must be 'eval' or 'train', got {mode!r}")
-    previous = [(module, module.training) for module in model.modules()]
-    model.train(mode == "train")
-    try:
-        yield model
-    finally:
-        for module, training in previous:
-            module.training = training
 
 
 class Attack:
@@ -58,7 +30,7 @@ class Attack:
     The attack differentiates the loss w.r.t. the input only (``torch.autograd.grad``): the model's
     parameters never receive a ``.grad``. It works under an outer ``torch.no_grad()`` too.
 
-    Subclasses implement :meth:`perturb` (and :meth:`from_params` for :func:`build_attack`).
+    Subclasses implement :meth:`perturb`; egat/build.py maps params onto their arguments.
     """
 
     training_only = False  # True: a fast-training attack, not an evaluation one
@@ -75,11 +47,6 @@ class Attack:
         self.model = model
         self.eps = float(eps)
         self.model_mode: ModelMode = model_mode
-
-    @classmethod
-    def from_params(cls, model: nn.Module, params: AttackParams, eps: float) -> "Attack":
-        """Build the attack from the params keys it uses (``eps`` already resolved)."""
-        raise NotImplementedError
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial examples for images ``x`` (B, C, H, W) in [0, 1] and labels ``y`` (B,).
@@ -127,6 +94,12 @@ class Attack:
         """Element-wise lower/upper limits: the eps ball around ``x`` intersected with [0, 1]."""
         return (x - self.eps).clamp_(min=0.0), (x + self.eps).clamp_(max=1.0)
 
+    def uniform_start(
+        self, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
+    ) -> torch.Tensor:
+        """A random start: ``clip(x + U(-eps, eps), lower, upper)``, drawn from torch's global RNG."""
+        return torch.empty_like(x).uniform_(-self.eps, self.eps).add_(x).clamp_(lower, upper)
+
     @staticmethod
     def ascend_(
         x_adv: torch.Tensor,
@@ -146,23 +119,8 @@ class Attack:
         if steps < 1:
             raise ValueError(f"{type(self).__name__}: steps must be >= 1, got {steps}")
 
-    def _require_restarts(self, restarts: int) -> None:
-        if restarts < 1:
-            raise ValueError(f"{type(self).__name__}: restarts must be >= 1, got {restarts}")
-
     def __repr__(self) -> str:
         hparams = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
                             if k != "model" and not k.startswith("_"))
         return f"{type(self).__name__}({hparams})"
 
-
-def build_attack(model: nn.Module, params: AttackParams, eps: float | None = None) -> Attack:
-    """The attack ``params.name`` built from ``params``; ``eps`` overrides ``params.eps`` (sweeps).
-
-    Example::
-
-        attack = build_attack(model, params.eval.attack)            # PGD-10, eps 8/255
-        sweep = [build_attack(model, params.eval.attack, e) for e in (0.01, 0.02)]
-    """
-    attack_cls = attack_registry.get(params.name)
-    return attack_cls.from_params(model, params, params.eps if eps is None else eps)

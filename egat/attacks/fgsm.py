@@ -5,10 +5,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from egat.attacks.base import Attack, attack_registry
-from egat.config import AttackParams
 
 
 @attack_registry.register("fgsm")
@@ -23,10 +21,6 @@ class FGSM(Attack):
         attack = FGSM(model, eps=8 / 255)
         x_adv = attack(images, labels)
     """
-
-    @classmethod
-    def from_params(cls, model: nn.Module, params: AttackParams, eps: float) -> "FGSM":
-        return cls(model, eps, model_mode=params.model_mode)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         lower, upper = self.bounds(x)

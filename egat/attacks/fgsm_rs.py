@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from egat.attacks.base import Attack, ModelMode, attack_registry
-from egat.config import AttackParams
+from egat.attacks.base import Attack, attack_registry
+from egat.models.mode import ModelMode
 
 
 @attack_registry.register("fgsm_rs")
@@ -39,11 +39,7 @@ class FGSMRandomStart(Attack):
         self._require_non_negative("alpha", alpha)
         self.alpha = float(alpha)
 
-    @classmethod
-    def from_params(cls, model: nn.Module, params: AttackParams, eps: float) -> "FGSMRandomStart":
-        return cls(model, eps, alpha=params.rs_alpha_ratio * eps, model_mode=params.model_mode)
-
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         lower, upper = self.bounds(x)
-        x_adv = torch.empty_like(x).uniform_(-self.eps, self.eps).add_(x).clamp_(lower, upper)
+        x_adv = self.uniform_start(x, lower, upper)
         return self.ascend_(x_adv, self.input_gradient(x_adv, y), self.alpha, lower, upper)

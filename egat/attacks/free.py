@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from egat.attacks.base import Attack, attack_registry
-from egat.config import AttackParams
 
 
 @attack_registry.register("free")
@@ -42,10 +41,6 @@ class FreePerturbation(Attack):
             raise ValueError(f"{type(self).__name__}: replays must be >= 1, got {replays}")
         self.replays = int(replays)
         self.delta: torch.Tensor | None = None
-
-    @classmethod
-    def from_params(cls, model: nn.Module, params: AttackParams, eps: float) -> "FreePerturbation":
-        return cls(model, eps, replays=params.replays)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = x.detach()

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from egat.attacks.base import Attack, ModelMode
+from egat.attacks.base import Attack
 from egat.errors import EgatError
+from egat.models.mode import ModelMode
 from egat.seeding import seeded_scope
 
 INSTALL = "pip install --no-deps 'torchattacks>=3.5'"
@@ -31,7 +32,8 @@ def import_torchattacks():
 
 
 class LibraryAttack(Attack):
-    """Base of the torchattacks-backed attacks: :meth:`build` returns the library's attack.
+    """Base of the torchattacks-backed attacks: :meth:`build` returns the library's attack;
+    ``restarts`` random restarts, per image the best kept.
 
     torchattacks reseeds torch's global RNG with a fixed seed on every call; here each call draws
     that seed from the caller's RNG (one number, as PGD's random start draws its own) and runs on a
@@ -43,8 +45,12 @@ class LibraryAttack(Attack):
 
     perturbs_every_image = False
 
-    def __init__(self, model: nn.Module, eps: float, model_mode: ModelMode = "eval"):
+    def __init__(self, model: nn.Module, eps: float, restarts: int = 1,
+                 model_mode: ModelMode = "eval"):
         super().__init__(model, eps, model_mode)
+        if restarts < 1:
+            raise ValueError(f"{type(self).__name__}: restarts must be >= 1, got {restarts}")
+        self.restarts = int(restarts)
         self._torchattacks = import_torchattacks()
 
     def build(self, num_classes: int):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from egat.attacks.base import Attack, ModelMode, attack_registry
-from egat.config import AttackParams
+from egat.attacks.base import Attack, attack_registry
+from egat.models.mode import ModelMode
 
 # Guards the L1 normalisation of an all-zero gradient (whose direction is then zero anyway).
 _TINY = 1e-12
@@ -45,14 +45,6 @@ class MIFGSM(Attack):
         self.alpha = float(alpha)
         self.steps = int(steps)
         self.decay = float(decay)
-
-    @classmethod
-    def from_params(cls, model: nn.Module, params: AttackParams, eps: float) -> "MIFGSM":
-        # The step follows the paper (alpha = eps / steps, docs/method.md, Metrics), not params.alpha, which
-        # is PGD's step and would not scale with eps in a sweep.
-        return cls(
-            model, eps, steps=params.steps, decay=params.decay, model_mode=params.model_mode
-        )
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         lower, upper = self.bounds(x)

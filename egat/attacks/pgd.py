@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from egat.attacks.base import Attack, ModelMode, attack_registry
-from egat.config import AttackParams
+from egat.attacks.base import Attack, attack_registry
+from egat.models.mode import ModelMode
 
 
 @attack_registry.register("pgd")
@@ -41,21 +41,10 @@ class PGD(Attack):
         self.steps = int(steps)
         self.random_start = bool(random_start)
 
-    @classmethod
-    def from_params(cls, model: nn.Module, params: AttackParams, eps: float) -> "PGD":
-        return cls(
-            model,
-            eps,
-            alpha=params.alpha,
-            steps=params.steps,
-            random_start=params.random_start,
-            model_mode=params.model_mode,
-        )
-
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         lower, upper = self.bounds(x)  # computed once; each projection is one in-place clamp
         if self.random_start:
-            x_adv = torch.empty_like(x).uniform_(-self.eps, self.eps).add_(x).clamp_(lower, upper)
+            x_adv = self.uniform_start(x, lower, upper)
         else:
             x_adv = x.clone()
         for _ in range(self.steps):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from egat.attacks.base import ModelMode, attack_registry
+from egat.attacks.base import attack_registry
 from egat.attacks.library import LibraryAttack
-from egat.config import AttackParams
+from egat.models.mode import ModelMode
 
 
 @attack_registry.register("square")
@@ -28,20 +28,13 @@ class Square(LibraryAttack):
 
     def __init__(self, model: nn.Module, eps: float, queries: int = 5000, restarts: int = 1,
                  p_init: float = 0.8, model_mode: ModelMode = "eval"):
-        super().__init__(model, eps, model_mode)
-        self._require_restarts(restarts)
+        super().__init__(model, eps, restarts, model_mode)
         if queries < 1:
             raise ValueError(f"{type(self).__name__}: queries must be >= 1, got {queries}")
         if not 0 < p_init <= 1:
             raise ValueError(f"{type(self).__name__}: p_init must lie in (0, 1], got {p_init}")
         self.queries = int(queries)
-        self.restarts = int(restarts)
         self.p_init = float(p_init)
-
-    @classmethod
-    def from_params(cls, model: nn.Module, params: AttackParams, eps: float) -> "Square":
-        return cls(model, eps, queries=params.queries, restarts=params.restarts,
-                   p_init=params.p_init, model_mode=params.model_mode)
 
     def build(self, num_classes: int):
         # resc_schedule: the square-size schedule (written for 10000 queries) is stretched to the

@@ -78,10 +78,3 @@ class InputGradientExplainer(Explainer):
                 out.append(normalise_maps(self.combine(inputs, grads.view_as(pts))))
         return out if create_graph else [m.detach() for m in out]
 
-
-def build_explainer(name: str, model: Classifier, config=None) -> Explainer:
-    """Create a registered explainer; ``config`` (params' ``explainer`` group) supplies its
-    options from the sub-group named like it (e.g. ``explainer.smoothgrad``)."""
-    cls = explainer_registry.get(name)
-    options = getattr(config, name, None)
-    return cls(model, **(options.model_dump() if options is not None else {}))

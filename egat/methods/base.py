@@ -1,9 +1,16 @@
-"""The method interface: ``Method.loss(batch) -> LossOutput`` with every loss term separately."""
+"""The method interface: ``Method.loss(batch) -> LossOutput`` with every loss term separately.
+
+A method takes its model, the components its constructor names (an attack, an explainer, guide
+settings) and its hyperparameters as keyword arguments, validated by its ``Config``: the one home
+of their defaults and ranges (``params.yaml``'s ``methods.<name>`` is checked against it).
+egat/build.py supplies the components from the params; docs/architecture.md says where a new
+method goes.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +21,6 @@ from egat.registry import Registry
 
 if TYPE_CHECKING:
     from egat.attacks import Attack
-    from egat.config import Params
 
 method_registry: Registry[type["Method"]] = Registry("method")
 
@@ -33,19 +39,23 @@ class LossOutput:
 
 
 class Method:
-    """A training objective on a :class:`Classifier`.
+    """A training objective on a :class:`Classifier`; ``hparams`` are validated by ``Config``.
 
     ``batch`` is a dict of tensors: image (B,3,H,W) in [0,1], label (B,), domain (B,), index (B,),
     guide (B,1,H,W) in [0,1] and optionally mask (B,1,H,W).
+
+    Example::
+
+        method = IGR(model, lambda_grad=3.0)
+        out = method.loss(batch)     # out.loss, out.logits, out.terms["grad_norm"]
     """
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     attack: "Attack | None" = None  # the training-time attack, where the method has one
 
-    def __init__(self, model: Classifier, config: MethodConfig, params: "Params"):
+    def __init__(self, model: Classifier, **hparams: Any):
         self.model = model
-        self.config = config
-        self.params = params
+        self.config = self.Config(**hparams)
         self.step = 0  # training steps taken; the Trainer restores it when a run resumes
 
     def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
@@ -72,12 +82,6 @@ class Method:
     def batch_replays(self) -> int:
         """Consecutive training steps on each minibatch: the training attack's (free AT: m)."""
         return self.attack.replays if self.attack is not None else 1
-
-
-def build_method(model: Classifier, params: "Params", name: str | None = None) -> Method:
-    name = name or params.train.method
-    cls = method_registry.get(name)
-    return cls(model, params.method_config(name), params)
 
 
 def distance(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:

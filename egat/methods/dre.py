@@ -7,17 +7,20 @@ x~ = lam x + (1 - lam) x_perm,  lam ~ Beta(a, a), one lam per batch, perm within
 L = CE(f(x), y) + lambda_expl * L1(E_y(x~), lam E_y(x) + (1 - lam) E_y(x_perm))
     + lambda_sparse * mean |E_y(x~)| + lambda_mix * CE(f(x~), y)
 Defaults (docs/method.md, Baselines): lambda_expl 1.0, lambda_sparse 0.5, lambda_mix 0.1, a 0.2. E is the training
-explainer (``params.explainer``, Grad-CAM), differentiable; x and x~ share one forward pass.
+explainer (``explainer``: the params' ``explainer``, Grad-CAM), differentiable; x and x~ share one
+forward pass.
 A class with one sample in the batch is mixed with itself (its consistency term is 0).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from egat.explain import build_explainer
+from egat.explain import Explainer
 from egat.methods.base import LossOutput, Method, MethodConfig, method_registry
 
 
@@ -43,9 +46,9 @@ class DRE(Method):
 
     Config = DREConfig
 
-    def __init__(self, model, config, params):
-        super().__init__(model, config, params)
-        self.explainer = build_explainer(params.explainer.name, model, params.explainer)
+    def __init__(self, model, *, explainer: Explainer, **hparams: Any):
+        super().__init__(model, **hparams)
+        self.explainer = explainer
 
     def loss(self, batch):
         cfg = self.config

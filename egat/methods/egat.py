@@ -9,19 +9,25 @@ L = L_cls + lambda_adv L_adv + lambda_egl L_egl + lambda_mix L_mix
           + lambda_sparse mean|lam E_yi(x~) + (1-lam) E_yj(x~)|,   x~ = lam x_i + (1-lam) x_j
 Ablations: ``egat_wo_at`` (lambda_adv = 0: no attack is computed) and ``egat_wo_egl``
 (lambda_egl = 0 and no explanation terms in L_mix).
+
+Example::
+
+    method = EGAT(model, explainer=GradCAM(model), attack=PGD(model, 8 / 255, 2 / 255, 10),
+                  lambda_adv=6.0, guide_sigma=0.0)
+    out = method.loss(batch)
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from egat.attacks import build_attack
+from egat.attacks import Attack
 from egat.data.guides import guide_at
-from egat.explain import build_explainer
+from egat.explain import Explainer
 from egat.methods.base import LossOutput, Method, MethodConfig, distance, method_registry
 
 # Presets of (lambda_adv, lambda_egl, lambda_mix, lambda_sparse, mix_alpha); docs/method.md, Objective
@@ -57,17 +63,27 @@ class EGATConfig(MethodConfig):
 
 @method_registry.register("egat")
 class EGAT(Method):
-    """L = CE + lambda_adv L_adv (PGD) + lambda_egl D(E(x), guide) + lambda_mix L_mix (EGAT)."""
+    """L = CE + lambda_adv L_adv (PGD) + lambda_egl D(E(x), guide) + lambda_mix L_mix (EGAT).
+
+    Args:
+        explainer: the differentiable explainer E (Grad-CAM by default in the params).
+        attack: the training attack of x'; unused (and None) when lambda_adv is 0.
+        guide_sigma, guide_seed: the guide maps' noise (the ``noisy`` guide variant; 0: none),
+            see :func:`egat.data.guides.guide_at`.
+        hparams: :class:`EGATConfig`'s keys (a preset and the lambdas).
+    """
 
     Config = EGATConfig
 
-    def __init__(self, model, config, params):
-        super().__init__(model, config, params)
-        self.explainer = build_explainer(params.explainer.name, model, params.explainer)
-        self.attack = build_attack(model, params.attack) if config.lambda_adv > 0 else None
-        guides = params.guides
-        self.guide_sigma = guides.sigma if guides.variant == "noisy" else 0.0
-        self.guide_seed = guides.seed
+    def __init__(self, model, *, explainer: Explainer, attack: Attack | None = None,
+                 guide_sigma: float = 0.0, guide_seed: int = 0, **hparams: Any):
+        super().__init__(model, **hparams)
+        if self.config.lambda_adv > 0 and attack is None:
+            raise ValueError(f"{type(self).__name__}: lambda_adv > 0 needs an attack")
+        self.explainer = explainer
+        self.attack = attack if self.config.lambda_adv > 0 else None
+        self.guide_sigma = guide_sigma
+        self.guide_seed = guide_seed
 
     def loss(self, batch):
         cfg = self.config

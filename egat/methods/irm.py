@@ -58,10 +58,6 @@ class IRM(Method):
 
     Config = IRMConfig
 
-    def __init__(self, model, config, params):
-        super().__init__(model, config, params)
-        self.step = 0
-
     def penalty_weight(self) -> float:
         cfg = self.config
         return cfg.irm_lambda if self.step >= cfg.anneal_iters else 1.0

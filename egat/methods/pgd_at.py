@@ -1,22 +1,26 @@
 """PGD-AT: Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018.
 
-L = CE(f(x'), y),  x' = PGD(x, y): the training attack of ``params.attack`` (10 steps, eps 8/255,
-alpha 2/255, random start, model in eval mode while it runs). Training sees adversarial inputs only.
+L = CE(f(x'), y),  x' = PGD(x, y): the training attack ``attack`` (the params' ``attack``: 10 steps,
+eps 8/255, alpha 2/255, random start, model in eval mode while it runs). Training sees adversarial
+inputs only.
 The returned clean logits (training accuracy only) come from a ``no_grad`` forward pass in eval
 mode, so BatchNorm's running statistics are updated by the adversarial batches alone, as in Madry.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from egat.attacks import build_attack, model_mode
+from egat.attacks import Attack
 from egat.methods.base import LossOutput, Method, MethodConfig, method_registry
+from egat.models.mode import model_mode
 
 
 class PGDATConfig(MethodConfig):
-    """No hyperparameters of its own: the attack is ``params.attack``."""
+    """No hyperparameters of its own: the attack is the constructor's ``attack``."""
 
 
 @method_registry.register("pgd_at")
@@ -25,9 +29,9 @@ class PGDAT(Method):
 
     Config = PGDATConfig
 
-    def __init__(self, model, config, params):
-        super().__init__(model, config, params)
-        self.attack = build_attack(model, params.attack)
+    def __init__(self, model, *, attack: Attack, **hparams: Any):
+        super().__init__(model, **hparams)
+        self.attack = attack
 
     def loss(self, batch):
         x, y = batch["image"], batch["label"]

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from egat.attacks import model_mode
 from egat.methods.base import LossOutput, Method, MethodConfig, method_registry
+from egat.models.mode import model_mode
 
 
 class SGTConfig(MethodConfig):

@@ -7,8 +7,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from egat.attacks.base import model_mode
 from egat.metrics.stream import accumulate
+from egat.models.mode import model_mode
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

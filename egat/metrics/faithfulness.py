@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from egat.attacks.base import model_mode
 from egat.metrics.accuracy import correct
 from egat.metrics.stream import accumulate
+from egat.models.mode import model_mode
 
 Baseline = Literal["black", "blur", "mean"]
 

@@ -6,5 +6,6 @@ from pixel-scale input x in [0, 1]; ``head(A)`` gives logits. Grad-CAM has a clo
 
 from egat.models import zoo as _zoo  # noqa: F401  (registers the architectures)
 from egat.models.classifier import Classifier, build_model, model_registry
+from egat.models.mode import ModelMode, model_mode
 
-__all__ = ["Classifier", "build_model", "model_registry"]
+__all__ = ["Classifier", "ModelMode", "build_model", "model_mode", "model_registry"]

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from egat import io
-from egat.config import RUNTIME_KEYS, Params, params_from_dict
+from egat.build import params_from_dict
+from egat.config import RUNTIME_KEYS, Params
 from egat.data.guides import cue_free_guides_root, images_digest
 from egat.errors import CheckpointError, EgatError
 from egat.models import Classifier, build_model

@@ -14,9 +14,10 @@ import logging
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from egat.attacks import build_attack, model_mode
+from egat.build import build_attack
 from egat.config import Params
 from egat.data.subsets import stratified_indices
+from egat.models.mode import model_mode
 from egat.run.layout import BEST
 from egat.seeding import seeded_scope
 

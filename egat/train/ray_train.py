@@ -44,7 +44,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from egat.config import Params, params_from_dict
+from egat.build import params_from_dict
+from egat.config import Params
 from egat.errors import EgatError
 from egat.run.layout import BEST, LAST, METRICS, RUN_FILES
 from egat.tracking import NullTracker, Tracker

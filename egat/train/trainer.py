@@ -20,12 +20,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from egat import io
+from egat.build import build_attack, build_explainer, build_method, params_from_dict
 from egat.config import Params, TrainParams
 from egat.data import DomainDataset, read_splits
 from egat.data.splits import cue_free_root
 from egat.data.subsets import stratified_subset
 from egat.errors import EgatError
-from egat.methods import LossOutput, Method, build_method
+from egat.methods import LossOutput, Method
 from egat.metrics.accuracy import evaluate_accuracy
 from egat.models import Classifier, build_model
 from egat.resources import suggest_batch_size_on_oom
@@ -108,8 +109,6 @@ def validation_metrics(model: Classifier, params: Params, loader, device: torch.
     if not t.val_metrics:
         acc = evaluate_accuracy(model, loader, device)
         return {"val/acc": acc["clean"], **extra}
-    from egat.attacks import build_attack
-
     with seeded_scope(t.seed, device):
         attacks = {}
         if "aacc" in t.val_metrics:
@@ -117,7 +116,6 @@ def validation_metrics(model: Classifier, params: Params, loader, device: torch.
         acc = evaluate_accuracy(model, loader, device, attacks)
     out = {"val/acc": acc["clean"], **{f"val/{k}": v for k, v in acc.items() if k != "clean"}, **extra}
     if "comp" in t.val_metrics:
-        from egat.explain import build_explainer
         from egat.metrics.faithfulness import faithfulness
 
         faith = params.eval.faithfulness
