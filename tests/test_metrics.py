@@ -26,7 +26,7 @@ from egat.metrics import (
     stability_scores,
     top_intersection,
 )
-from egat.metrics.catalog import METRIC_NAMES
+from egat.metrics.catalog import METRIC_NAMES, METRICS, image_count
 from egat.models.classifier import Classifier
 
 
@@ -495,6 +495,17 @@ def test_cue_scores_by_hand():
 
 
 # ----------------------------------------------------------------- evaluation and catalog
+
+
+@pytest.mark.parametrize(("domain", "expected"), [
+    ({"n": 50, "n_cue_mismatch": 20}, 30),
+    ({"n": 50, "n_cue_mismatch": 0}, 50),  # every cue matches: all 50, not 0
+    ({"n": 50, "n_cue_mismatch": 50}, 0),
+    ({"n": 50}, None),  # a run without cue classes counts no cue-matching images
+])
+def test_cue_match_image_count(domain, expected):
+    cue_match = next(m for m in METRICS if m.name == "cacc_cue_match")
+    assert image_count(cue_match, domain) == expected
 
 
 def test_evaluate_domain_writes_the_catalog_metrics_and_their_counts():

@@ -67,5 +67,7 @@ def image_count(metric: Metric, domain: dict) -> int | None:
     if metric.images == "cue_mismatch":
         return domain.get("n_cue_mismatch")
     if metric.images == "cue_match":
-        return n - (domain.get("n_cue_mismatch") or n)
+        mismatched = domain.get("n_cue_mismatch")
+        # 0 mismatched images is a real count (every cue matches), not "unknown".
+        return None if n is None or mismatched is None else n - mismatched
     return n
