@@ -106,3 +106,38 @@ def test_selection_audit_reads_each_rules_pick_from_the_validation_history(tmp_p
         300, 300, 300, True]
     assert rows.loc["train/egat/grass/seed0", ["val", "cue_free_val", "last", "agree"]].tolist() == [
         200, 300, 300, False]
+
+
+# ----------------------------------------------------------------- study breakdown
+
+
+def test_breakdown_charges_each_stage_until_the_next_and_splits_the_training_loop(tmp_path):
+    from benchmarks.breakdown import loop_seconds, stage_times, table
+
+    log = ["0.000 Running stage 'prepare':", "1.500 > python pipelines/prepare.py",
+           "4.000 Running stage 'train@erm-grass-0':", "9.000 Running stage 'train@erm-grass-1':",
+           "15.000 Stage 'guides' didn't change, skipping", "16.000 Running stage 'variant_train@oracle-grass-0':",
+           "20.000 [end]"]
+    stages = stage_times(log)
+    assert stages == {"prepare": 4.0, "train@erm-grass-0": 5.0, "train@erm-grass-1": 7.0,
+                      "variant_train@oracle-grass-0": 4.0}
+    for rel, seconds in (("erm/grass/seed0", 3.0), ("erm/grass/seed1", 4.5),
+                         ("variants/oracle/grass/seed0", 2.0)):
+        (tmp_path / rel).mkdir(parents=True)
+        (tmp_path / rel / "train_timing.json").write_text(f'{{"train_time_s": {seconds}}}')
+    loops = loop_seconds(tmp_path)
+    assert loops == {("train", "erm"): 7.5, ("variant_train", "oracle"): 2.0}
+    text = table(stages, loops, {"interpreter": 0.1})
+    assert "| train | erm | 2 | 12 | 60 % | 8 | 4 |" in text  # 12 s wall, 7.5 s loop, 4.5 s rest
+    assert "| **all** | | 4 | 20 | 100 % | | |" in text
+
+
+def test_breakdown_refuses_a_log_without_stages(tmp_path, capsys):
+    from benchmarks.breakdown import main
+
+    log = tmp_path / "b.log"
+    log.write_text("0.0 Stage 'prepare' didn't change, skipping\n1.0 [end]\n")
+    with pytest.raises(SystemExit, match="records no 'Running stage' line"):
+        main(["--log", str(log), "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["--log", str(tmp_path / "none.log")])
