@@ -25,10 +25,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from egat.run.layout import TIMING, VARIANTS, cell_files
+
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 # What a stage process imports before it trains / evaluates (egat/stages.py's lazy imports).
 STARTUP_IMPORTS = {
-    "train": "import egat.stages, egat.train.launch, egat.train.trainer, egat.data, egat.run.checkpoint",
+    "train": "import egat.stages, egat.train.launch, egat.train.trainer, egat.data, "
+             "egat.run.checkpoint",
     "evaluate": "import egat.stages, egat.evaluation, egat.run.checkpoint, egat.run.device",
 }
 
@@ -68,12 +71,11 @@ def stage_kind(name: str) -> tuple[str, str]:
 
 
 def loop_seconds(runs_root: Path) -> dict[tuple[str, str], float]:
-    """Training-loop seconds summed per (stage kind, method) from every train_timing.json."""
+    """Training-loop seconds summed per (stage kind, method) from every run's timing file."""
     out: dict[tuple[str, str], float] = defaultdict(float)
-    for path in runs_root.rglob("train_timing.json"):
-        parts = path.relative_to(runs_root).parts
-        kind, method = ("variant_train", parts[1]) if parts[0] == "variants" else ("train", parts[0])
-        out[kind, method] += json.loads(path.read_text())["train_time_s"]
+    for kind, root in (("train", runs_root), ("variant_train", runs_root / VARIANTS)):
+        for cell in cell_files(root, TIMING):
+            out[kind, cell.name] += json.loads(cell.path.read_text())["train_time_s"]
     return out
 
 
@@ -113,10 +115,13 @@ def table(stages: dict[str, float], loops: dict[tuple[str, str], float],
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.breakdown", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.breakdown",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--log", type=Path, default=None, help="re-read this stamped log; no dvc repro")
-    ap.add_argument("--runs", type=Path, default=Path("runs"), help="the runs folder (train_timing.json)")
-    ap.add_argument("--out", type=Path, default=Path("reports/breakdown"), help="writes <out>.log and <out>.md")
+    ap.add_argument("--runs", type=Path, default=Path("runs"),
+                    help="the runs folder (train.out_dir), read for the training-loop times")
+    ap.add_argument("--out", type=Path, default=Path("reports/breakdown"),
+                    help="writes <out>.log and <out>.md")
     args, dvc_args = ap.parse_known_args(argv)
     log = args.log
     if log is None:

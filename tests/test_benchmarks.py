@@ -116,7 +116,8 @@ def test_breakdown_charges_each_stage_until_the_next_and_splits_the_training_loo
 
     log = ["0.000 Running stage 'prepare':", "1.500 > python pipelines/prepare.py",
            "4.000 Running stage 'train@erm-grass-0':", "9.000 Running stage 'train@erm-grass-1':",
-           "15.000 Stage 'guides' didn't change, skipping", "16.000 Running stage 'variant_train@oracle-grass-0':",
+           "15.000 Stage 'guides' didn't change, skipping",
+           "16.000 Running stage 'variant_train@oracle-grass-0':",
            "20.000 [end]"]
     stages = stage_times(log)
     assert stages == {"prepare": 4.0, "train@erm-grass-0": 5.0, "train@erm-grass-1": 7.0,
