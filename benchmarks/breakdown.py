@@ -25,6 +25,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from egat import io
 from egat.run.layout import TIMING, VARIANTS, cell_files
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
@@ -39,15 +40,14 @@ STARTUP_IMPORTS = {
 def stamp_dvc_repro(args: list[str], log: Path) -> None:
     """Run ``dvc repro *args``, echo its output and write it to ``log`` as "<seconds> <line>"."""
     start = time.perf_counter()
-    tmp = log.with_suffix(log.suffix + ".tmp")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with subprocess.Popen(["dvc", "repro", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as proc, tmp.open("w") as out:  # fmt: skip
+    with io.atomic_path(log) as tmp, tmp.open("w") as out, subprocess.Popen(
+        ["dvc", "repro", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        bufsize=1,
+    ) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
             out.write(f"{time.perf_counter() - start:.3f} {line}")
         out.write(f"{time.perf_counter() - start:.3f} [end]\n")
-    tmp.replace(log)
     if proc.returncode:
         raise SystemExit(f"error: dvc repro exited with {proc.returncode}; see {log}")
 
@@ -134,10 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {log} records no 'Running stage' line: every stage was cached "
                          "(run `dvc repro --force` to time them)")
     text = table(stages, loop_seconds(args.runs), startup_seconds())
-    md = args.out.with_suffix(".md")
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.with_suffix(".md.tmp").write_text(text + "\n")
-    md.with_suffix(".md.tmp").replace(md)
+    io.write_text(args.out.with_suffix(".md"), text + "\n")
     print(text)
 
 
