@@ -133,7 +133,7 @@ def test_breakdown_charges_each_stage_until_the_next_and_splits_the_training_loo
     assert "| **all** | | 4 | 20 | 100 % | | |" in text
 
 
-def test_breakdown_refuses_a_log_without_stages(tmp_path, capsys):
+def test_breakdown_refuses_a_log_without_stages(tmp_path):
     from benchmarks.breakdown import main
 
     log = tmp_path / "b.log"
