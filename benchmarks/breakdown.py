@@ -5,8 +5,10 @@ runs from its "Running stage" line to the next stage's (so DVC's own bookkeeping
 charged to the stage before it). The table sums stages per kind and, for training, per method, and
 splits a training stage into its loop (the run's train_timing.json) and the rest (interpreter and
 import start-up, data loading, checkpoints, MLflow). The import start-up of a process that only
-trains or only evaluates is measured apart (median of 3 fresh interpreters). ``--log`` re-reads
-the stamped log of an earlier run instead of running DVC. Every later speed change is a ratio
+trains or only evaluates is measured apart (median of 3 fresh interpreters), and evaluation is
+split into its parts (clean, counterfactual, PGD, Comp/Suff, explanations, sweep: each run's
+eval_timing.json, egat.evaluation.PartClock). ``--log`` re-reads the stamped log of an earlier run
+instead of running DVC. Every later speed change is a ratio
 against this table (issue: throughput).
 
     python -m benchmarks.breakdown                 # dvc repro, then the table
@@ -26,7 +28,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from egat import io
-from egat.run.layout import TIMING, VARIANTS, cell_files
+from egat.evaluation import PartClock
+from egat.run.layout import EVAL_TIMING, TIMING, VARIANTS, cell_files
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 # What a stage process imports before it trains / evaluates (egat/stages.py's lazy imports).
@@ -79,6 +82,31 @@ def loop_seconds(runs_root: Path) -> dict[tuple[str, str], float]:
     return out
 
 
+def eval_part_seconds(evals_root: Path) -> dict[str, float]:
+    """Evaluation seconds per part (and ``total``) summed over every run's timing file."""
+    out: dict[str, float] = defaultdict(float)
+    for root in (evals_root, evals_root / VARIANTS):
+        for cell in cell_files(root, EVAL_TIMING):
+            for part, seconds in json.loads(cell.path.read_text()).items():
+                out[part] += seconds
+    return dict(out)
+
+
+def eval_table(parts: dict[str, float], study_seconds: float) -> str:
+    """Evaluation time per part, as a share of all evaluation and of the whole study."""
+    total = parts.get("total", 0.0)
+    if not total:
+        return "No evaluation timing found (evals/**/eval_timing.json)."
+    rows = ["| evaluation part | s | share of evaluation | share of the study |",
+            "|---|---:|---:|---:|"]
+    named = {part: parts.get(part, 0.0) for part in PartClock.PARTS}
+    named["data and bookkeeping"] = total - sum(named.values())
+    for part, seconds in (*named.items(), ("**all evaluation**", total)):
+        rows.append(f"| {part} | {seconds:.0f} | {100 * seconds / total:.0f} % "
+                    f"| {100 * seconds / (study_seconds or 1.0):.0f} % |")
+    return "\n".join(rows)
+
+
 def startup_seconds(python: str = sys.executable, repeats: int = 3) -> dict[str, float]:
     """Median wall seconds of a fresh interpreter importing what each stage kind needs."""
     out = {}
@@ -120,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log", type=Path, default=None, help="re-read this stamped log; no dvc repro")
     ap.add_argument("--runs", type=Path, default=Path("runs"),
                     help="the runs folder (train.out_dir), read for the training-loop times")
+    ap.add_argument("--evals", type=Path, default=Path("evals"),
+                    help="the evaluations folder, read for the time of each evaluation part")
     ap.add_argument("--out", type=Path, default=Path("reports/breakdown"),
                     help="writes <out>.log and <out>.md")
     args, dvc_args = ap.parse_known_args(argv)
@@ -134,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {log} records no 'Running stage' line: every stage was cached "
                          "(run `dvc repro --force` to time them)")
     text = table(stages, loop_seconds(args.runs), startup_seconds())
+    text += "\n\n" + eval_table(eval_part_seconds(args.evals), sum(stages.values()))
     io.write_text(args.out.with_suffix(".md"), text + "\n")
     print(text)
 

@@ -6,11 +6,15 @@ object erased, and, where the data knows each image's spurious cue (the embedded
 cue-follow rate and accuracy on the cue-free renders of the same images; the attack sweep (FGSM,
 MI-FGSM, PGD over eps) runs on the training domains' test split. Every subset is stratified by
 class and seeded by ``data.split_seed`` (egat/data/subsets.py), the same for every method and seed.
+A :class:`PartClock` passed in sums the wall seconds of each part (the throughput breakdown).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
@@ -39,6 +43,30 @@ from egat.resources import suggest_batch_size_on_oom
 from egat.seeding import seeded_scope
 
 
+class PartClock:
+    """Wall seconds per evaluation part, summed over domains and batches: ``clean`` (the forward
+    pass, cAcc and the cue metrics), ``counterfactual`` (cue-free and object-erased cAcc), ``pgd``
+    (the evaluation attack), ``comp_suff`` (the explanation of the prediction and the erasures),
+    ``explanations`` (stability's map under attack and alignment's), ``sweep``; ``total`` is the
+    whole evaluation, so that ``total`` minus the parts is data loading and bookkeeping."""
+
+    PARTS = ("clean", "counterfactual", "pgd", "comp_suff", "explanations", "sweep")
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(self.seconds.get(k, 0.0), 3) for k in (*self.PARTS, "total")}
+
+
 def _loader(params: Params, splits: dict, domains: list[str], max_examples: int,
             images: str = "observed") -> DataLoader:  # fmt: skip
     """The test split of ``domains``, cut to a stratified subset of ``max_examples`` (0 = all),
@@ -58,17 +86,18 @@ def _seeded(fn):
     RNG stream is left as it was."""
 
     @functools.wraps(fn)
-    def wrapper(model: Classifier, params: Params, loader, device, *args):
+    def wrapper(model: Classifier, params: Params, loader, device, *args, **kwargs):
         device = torch.device(device)
         with seeded_scope(params.train.seed, device):
-            return fn(model, params, loader, device, *args)
+            return fn(model, params, loader, device, *args, **kwargs)
 
     return wrapper
 
 
 @_seeded
 def evaluate_domain(model: Classifier, params: Params, loader, device, cue_free_loader=None,
-                    costly_ids: torch.Tensor | None = None) -> dict[str, float]:  # fmt: skip
+                    costly_ids: torch.Tensor | None = None,
+                    clock: PartClock | None = None) -> dict[str, float]:  # fmt: skip
     """All per-domain metrics in one pass over ``loader`` (and, in step, ``cue_free_loader``: the
     cue-free renders of the same images in the same order, where the data has them).
 
@@ -79,25 +108,27 @@ def evaluate_domain(model: Classifier, params: Params, loader, device, cue_free_
     test-set size. Per-image sums of squares of Comp and Suff are kept for their confidence
     intervals (``comp_sd``).
     """
-    ev = params.eval
+    ev, clock = params.eval, clock or PartClock()
     attack = build_attack(model, ev.attack)
     explainer = build_explainer(ev.explainer, model, params.explainer)
     cue_free = iter(cue_free_loader) if cue_free_loader is not None else None
 
     def score(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, y = batch["image"], batch["label"]
-        with torch.no_grad():
-            probs = model(x).softmax(1)
-        pred = probs.argmax(1)
-        scores = {"cacc": pred == y}
-        if "mask" in batch:
-            scores["object_erased_cacc"] = object_erased_correct(
-                model, x, y, batch["mask"], ev.faithfulness.baseline)
-        cue = batch.get("cue")
-        if cue is not None and bool((cue >= 0).all()):  # -1: the data knows no cue
-            scores.update(cue_scores(pred, y, cue))
-        if cue_free is not None:
-            scores["cue_free_cacc"] = correct(model, next(cue_free)["image"].to(device), y)
+        with clock.part("clean"):
+            with torch.no_grad():
+                probs = model(x).softmax(1)
+            pred = probs.argmax(1)
+            scores = {"cacc": pred == y}
+            cue = batch.get("cue")
+            if cue is not None and bool((cue >= 0).all()):  # -1: the data knows no cue
+                scores.update(cue_scores(pred, y, cue))
+        with clock.part("counterfactual"):
+            if "mask" in batch:
+                scores["object_erased_cacc"] = object_erased_correct(
+                    model, x, y, batch["mask"], ev.faithfulness.baseline)
+            if cue_free is not None:
+                scores["cue_free_cacc"] = correct(model, next(cue_free)["image"].to(device), y)
         costly = (torch.isin(batch["index"], costly_ids.to(device)) if costly_ids is not None
                   else torch.ones_like(y, dtype=torch.bool))
         if bool(costly.any()):
@@ -105,6 +136,7 @@ def evaluate_domain(model: Classifier, params: Params, loader, device, cue_free_
                 model, explainer, attack, x[costly], y[costly], probs[costly],
                 batch["mask"][costly] if "mask" in batch else None,
                 ks=ev.faithfulness.ks, baseline=ev.faithfulness.baseline, top=ev.stability_top,
+                clock=clock,
             ))
         return scores
 
@@ -125,7 +157,8 @@ def evaluate_domain(model: Classifier, params: Params, loader, device, cue_free_
 
 def costly_scores(model, explainer, attack, images: torch.Tensor, labels: torch.Tensor,
                   probs: torch.Tensor, masks: torch.Tensor | None, *, ks: Sequence[float],
-                  baseline: str, top: float) -> dict[str, torch.Tensor]:  # fmt: skip
+                  baseline: str, top: float,
+                  clock: PartClock | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """Per-image aAcc, Comp/Suff (and their squares), stability under the attack and, where
     ``masks`` are given, alignment, of one batch's chosen images (``probs``: the model's softmax
     on ``images``). Comp/Suff explain the predicted class c; stability compares E(x) with E(x')
@@ -135,19 +168,22 @@ def costly_scores(model, explainer, attack, images: torch.Tensor, labels: torch.
     The attack runs once, then the explainer on (c, x), (c, x') and, with masks, (label, x), in this
     order: their random draws (random start, SmoothGrad's noise) follow one another as listed.
     """
-    pred = probs.argmax(1)
-    adversarial = attack(images, labels)
-    scores = {"aacc": correct(model, adversarial, labels)}
-    maps = explainer.attribute(images, pred)
-    c, s = erasure_scores(model, images, maps, pred, ks, baseline,
-                          clean_prob=probs.gather(1, pred[:, None])[:, 0])
-    comp, suff = c.mean(0), s.mean(0)  # per image, averaged over the k bins
-    scores.update(comp=comp.double(), comp_sq=(comp**2).double(),
-                  suff=suff.double(), suff_sq=(suff**2).double())
-    scores.update(stability_scores(maps, explainer.attribute(adversarial, pred), top))
-    if masks is not None:
-        hits, mass = alignment_scores(explainer.attribute(images, labels), masks)
-        scores.update(pointing_game=hits, mass_in_mask=mass.double())
+    pred, clock = probs.argmax(1), clock or PartClock()
+    with clock.part("pgd"):
+        adversarial = attack(images, labels)
+        scores = {"aacc": correct(model, adversarial, labels)}
+    with clock.part("comp_suff"):
+        maps = explainer.attribute(images, pred)
+        c, s = erasure_scores(model, images, maps, pred, ks, baseline,
+                              clean_prob=probs.gather(1, pred[:, None])[:, 0])
+        comp, suff = c.mean(0), s.mean(0)  # per image, averaged over the k bins
+        scores.update(comp=comp.double(), comp_sq=(comp**2).double(),
+                      suff=suff.double(), suff_sq=(suff**2).double())
+    with clock.part("explanations"):
+        scores.update(stability_scores(maps, explainer.attribute(adversarial, pred), top))
+        if masks is not None:
+            hits, mass = alignment_scores(explainer.attribute(images, labels), masks)
+            scores.update(pointing_game=hits, mass_in_mask=mass.double())
     return scores
 
 
@@ -186,9 +222,19 @@ def costly_ids(loader: DataLoader, params: Params) -> torch.Tensor:
 
 @suggest_batch_size_on_oom("eval.batch_size", "evaluation")
 def evaluate_model(
-    model: Classifier, params: Params, train_domains: list[str], device=None
+    model: Classifier, params: Params, train_domains: list[str], device=None,
+    clock: PartClock | None = None,
 ) -> dict:
-    """Metrics on every domain's test split, the attack sweep, and a flat summary for DVC."""
+    """Metrics on every domain's test split, the attack sweep, and a flat summary for DVC
+    (``clock``: where the seconds per part are summed)."""
+    clock = clock or PartClock()
+    with clock.part("total"):
+        return _evaluate_model(model, params, train_domains, device, clock)
+
+
+def _evaluate_model(model: Classifier, params: Params, train_domains: list[str], device,
+                    clock: PartClock) -> dict:  # fmt: skip
+    """:func:`evaluate_model`'s body, inside the clock's ``total``."""
     device = device or torch.device("cpu")
     model = model.to(device)
     splits = read_splits(params.data.splits_file)
@@ -198,11 +244,13 @@ def evaluate_model(
     for domain in tqdm(splits["domains"], desc="evaluate", unit="domain", disable=not params.train.progress):
         loader = _loader(params, splits, [domain], n)
         cue_free = _loader(params, splits, [domain], n, "cue_free") if has_cue_free else None
-        metrics = evaluate_domain(model, params, loader, device, cue_free, costly_ids(loader, params))
+        metrics = evaluate_domain(model, params, loader, device, cue_free,
+                                  costly_ids(loader, params), clock=clock)
         metrics["in_domain"] = domain in train_domains
         per_domain[domain] = metrics
     sweep_loader = _loader(params, splits, train_domains, params.eval.sweep.max_examples)
-    sweep = attack_sweep(model, params, sweep_loader, device)
+    with clock.part("sweep"):
+        sweep = attack_sweep(model, params, sweep_loader, device)
     summary = {}
     for group, in_domain in (("id", True), ("ood", False)):
         chosen = [m for m in per_domain.values() if m["in_domain"] == in_domain]

@@ -10,7 +10,9 @@ from egat import io
 from egat.build import method_hparams, params_from_dict
 from egat.config import Params
 from egat.errors import DataError, ParamsError
-from egat.run.layout import BEST, CHECKPOINT_ARTIFACTS, EVALS, METRICS, eval_path, run_dir
+from egat.run.layout import (
+    BEST, CHECKPOINT_ARTIFACTS, EVAL_TIMING, EVALS, METRICS, eval_path, run_dir,
+)
 from egat.tracking.datasets import split_inputs
 from egat.tracking.mlflow_tracker import MlflowTracker
 
@@ -151,7 +153,7 @@ def train_run(params: Params, method: str, domain: str, seed: int, name: str | N
 def evaluate_run(params: Params, method: str, domain: str, seed: int, name: str | None = None,
                  evals_root: str | Path = EVALS) -> dict:
     """Evaluate one cell's best checkpoint on every domain; writes <evals_root>/.../eval.json."""
-    from egat.evaluation import evaluate_model
+    from egat.evaluation import PartClock, evaluate_model
     from egat.run.checkpoint import model_from_checkpoint
     from egat.run.device import resolve_device
 
@@ -162,12 +164,15 @@ def evaluate_run(params: Params, method: str, domain: str, seed: int, name: str 
     key = f"evaluate/{name}/{domain}/seed{seed}"
     path = eval_path(name, domain, seed, evals_root)
     tags = {**_tags(cell, "evaluate", method, domain, seed), "run": name}
+    clock = PartClock()
     with MlflowTracker(key, tags, _logged_params(cell, method)) as tracker:
-        metrics = evaluate_model(model, cell, [domain], resolve_device(cell))
+        metrics = evaluate_model(model, cell, [domain], resolve_device(cell), clock)
         metrics.update(method=method, seed=seed)
         tracker.log_inputs(split_inputs(cell.data, list(metrics["domains"]), ["test"]))
         io.write_json(path, metrics)
+        io.write_json(path.with_name(EVAL_TIMING), clock.as_dict())
         tracker.log_metrics({f"test/{k}": v for k, v in metrics["summary"].items()}, step=0)
+        tracker.log_metrics({f"time/{k}_s": v for k, v in clock.as_dict().items()}, step=0)
         for d, values in metrics["domains"].items():
             tracker.log_metrics(
                 {f"test/{d}/{k}": float(v) for k, v in values.items() if not isinstance(v, bool)}, step=0

@@ -133,6 +133,22 @@ def test_breakdown_charges_each_stage_until_the_next_and_splits_the_training_loo
     assert "| **all** | | 4 | 20 | 100 % | | |" in text
 
 
+def test_breakdown_splits_evaluation_into_its_parts(tmp_path):
+    from benchmarks.breakdown import eval_part_seconds, eval_table
+
+    for rel, pgd in (("erm/grass/seed0", 2.0), ("variants/oracle/grass/seed0", 4.0)):
+        (tmp_path / rel).mkdir(parents=True)
+        timing = {"clean": 1.0, "pgd": pgd, "sweep": 3.0, "total": pgd + 6.0}
+        (tmp_path / rel / "eval_timing.json").write_text(json.dumps(timing))
+    parts = eval_part_seconds(tmp_path)
+    assert parts == {"clean": 2.0, "pgd": 6.0, "sweep": 6.0, "total": 18.0}
+    text = eval_table(parts, study_seconds=36.0)
+    assert "| pgd | 6 | 33 % | 17 % |" in text
+    assert "| data and bookkeeping | 4 | 22 % | 11 % |" in text  # 18 - (2 + 6 + 6)
+    assert "| **all evaluation** | 18 | 100 % | 50 % |" in text
+    assert "No evaluation timing" in eval_table({}, 10.0)
+
+
 def test_breakdown_refuses_a_log_without_stages(tmp_path):
     from benchmarks.breakdown import main
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from egat.build import build_attack, build_explainer, params_from_dict
 from egat.cli import main
 from egat.errors import EgatError
-from egat.evaluation import evaluate_domain, evaluate_model
+from egat.evaluation import PartClock, evaluate_domain, evaluate_model
 from egat.build import build_explainer
 from egat.metrics import alignment_scores, evaluate_accuracy, faithfulness, spearman_rows, top_intersection
 from egat.models import Classifier, model_registry
@@ -48,6 +48,21 @@ def evaluate(n: int, batch_size: int) -> dict[str, float]:
     params = params_from_dict(EVAL)
     loader = DataLoader(NoiseImages(n), batch_size=batch_size)
     return evaluate_domain(tiny_classifier(), params, loader, torch.device("cpu"))
+
+
+def test_the_part_clock_times_each_part_and_changes_no_metric():
+    params = params_from_dict(EVAL)
+    loader = DataLoader(NoiseImages(12), batch_size=5)
+    clock = PartClock()
+    with clock.part("total"):
+        timed = evaluate_domain(tiny_classifier(), params, loader, torch.device("cpu"), clock=clock)
+    assert timed == evaluate(12, batch_size=5)
+    seconds = clock.as_dict()
+    assert list(seconds) == [*PartClock.PARTS, "total"]
+    for part in ("clean", "counterfactual", "pgd", "comp_suff", "explanations"):
+        assert seconds[part] > 0, part  # the masks make object-erased cAcc and alignment run
+    assert seconds["sweep"] == 0.0  # not part of one domain's pass
+    assert sum(seconds[p] for p in PartClock.PARTS) <= seconds["total"]
 
 
 def test_streamed_evaluation_is_batch_size_free_and_matches_each_metric_alone():

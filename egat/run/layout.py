@@ -1,7 +1,8 @@
 """Where a run's files live: the one place that names the run and evaluation folders and files.
 
 ``<train.out_dir>/<name>/<domain>/seed<k>/`` holds a training run (:data:`RUN_FILES`);
-``evals/<name>/<domain>/seed<k>/`` its evaluation (:data:`EVAL_FILE`, :data:`ROBUST_FILE`).
+``evals/<name>/<domain>/seed<k>/`` its evaluation (:data:`EVAL_FILE`, :data:`ROBUST_FILE`, and
+the wall clock per evaluation part, :data:`EVAL_TIMING`, kept apart from the reproducible metrics).
 Variants of the studies (and the oracle ceiling) live one level down, under :data:`VARIANTS`.
 """
 
@@ -24,6 +25,7 @@ CHECKPOINT_ARTIFACTS = "checkpoint"  # the MLflow artifact folder a training run
 VARIANTS = "variants"  # sub-folder of runs/ and evals/ holding the studies' variants
 EVALS = "evals"
 EVAL_FILE = "eval.json"
+EVAL_TIMING = "eval_timing.json"
 ROBUST_FILE = "robust.json"
 
 
