@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from egat import io
 from egat.build import params_from_dict
 from egat.config import TUNE_KEYS, Params, TuneParams
 from egat.errors import EgatError
@@ -414,8 +415,7 @@ def _summarise(grid, params: Params, name: str, parent_id: str, out) -> SearchRe
     path = Path(out or tp.best_params_file)
     header = (f"best of {len(trials)} trials of search {name} (MLflow parent run {parent_id}): "
               f"{tp.objective} = {best_metrics.get('objective', float('nan')):.2f}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(best_params_text(params, best_config, header))
+    io.write_text(path, best_params_text(params, best_config, header))  # temp file, then rename
     trials.sort(key=lambda t: -(t.get("objective") or -math.inf))
     return SearchResult(name, best_config, best_metrics, trials, path, parent_id)
 
