@@ -170,9 +170,10 @@ def evaluate_run(params: Params, method: str, domain: str, seed: int, name: str 
         metrics.update(method=method, seed=seed)
         tracker.log_inputs(split_inputs(cell.data, list(metrics["domains"]), ["test"]))
         io.write_json(path, metrics)
-        io.write_json(path.with_name(EVAL_TIMING), clock.as_dict())
+        seconds = clock.as_dict()
+        io.write_json(path.with_name(EVAL_TIMING), seconds)
         tracker.log_metrics({f"test/{k}": v for k, v in metrics["summary"].items()}, step=0)
-        tracker.log_metrics({f"time/{k}_s": v for k, v in clock.as_dict().items()}, step=0)
+        tracker.log_metrics({f"time/{k}_s": v for k, v in seconds.items()}, step=0)
         for d, values in metrics["domains"].items():
             tracker.log_metrics(
                 {f"test/{d}/{k}": float(v) for k, v in values.items() if not isinstance(v, bool)}, step=0
