@@ -39,7 +39,8 @@ from egat.errors import EgatError
 
 # The validation metrics each objective needs from the Trainer.
 OBJECTIVE_VAL_METRICS = {"val_cacc+val_aacc": ["aacc"], "val_cacc": [], "val_comp": ["comp"],
-                         "val_cue_free_cacc+val_aacc": ["aacc"]}
+                         "val_cue_free_cacc+val_aacc": ["aacc"],
+                         "val_cue_mismatch_cacc+val_cue_free_aacc": ["cue_mismatch", "cue_free_aacc"]}
 SEARCH_FILE = "egat_search.json"  # in the search's experiment folder: what a resume needs
 
 
@@ -82,14 +83,16 @@ def search_space(tp: TuneParams) -> dict[str, Any]:
 
 
 def check_objective(params: Params) -> None:
-    """The cue-free objective needs the embedded benchmark's cue-free renders."""
+    """The objective asks only for what the data has (cue objectives: the embedded benchmark)."""
     from egat.data import read_splits
-    from egat.data.splits import cue_free_root
+    from egat.train.trainer import check_selection
 
-    objective = params.tune.objective
-    if "cue_free" in objective and cue_free_root(params.data.root, read_splits(params.data.splits_file)) is None:
-        raise EgatError(f"tune.objective={objective} needs cue-free renders, which only the embedded "
-                        "benchmark has; use val_cacc+val_aacc")
+    raw = params.model_dump(mode="json")
+    raw["train"]["val_metrics"] = OBJECTIVE_VAL_METRICS[params.tune.objective]
+    try:
+        check_selection(params_from_dict(raw), read_splits(params.data.splits_file))
+    except EgatError as e:
+        raise EgatError(f"tune.objective={params.tune.objective}: {e}; or use val_cacc+val_aacc") from None
 
 
 def trial_params(params: Params, sample: Mapping[str, float]) -> Params:
@@ -441,10 +444,12 @@ def _table(result: SearchResult, tp: TuneParams) -> str:
         mark = "*" if t.get("trial_id") == result.best_metrics.get("trial_id") else ""
         rows.append([mark, t.get("trial_id", ""), *[_fmt(t.get(k)) for k in keys],
                      t.get("step", ""), _fmt(t.get("val_cacc")), _fmt(t.get("val_aacc")),
-                     _fmt(t.get("val_comp")), _fmt(t.get("val_cue_free_cacc")), _fmt(t.get("objective")),
+                     _fmt(t.get("val_comp")), _fmt(t.get("val_cue_free_cacc")),
+                     _fmt(t.get("val_cue_mismatch_cacc")), _fmt(t.get("val_cue_free_aacc")),
+                     _fmt(t.get("objective")),
                      t.get("error", "")[:40]])
     headers = ["", "trial", *keys, "step", "val cAcc", "val aAcc", "val Comp", "val cue-free cAcc",
-               "objective", "error"]
+               "val cue-mismatch cAcc", "val cue-free aAcc", "objective", "error"]
     best = tabulate(
         [[param_key(tp, k), _round(v)] for k, v in result.best_config.items()],
         headers=["best param", "value"], tablefmt="github",

@@ -494,6 +494,42 @@ def test_cue_scores_by_hand():
     assert scores["cue_follow"].tolist() == [True, False, False]
 
 
+def test_validation_cue_metrics_by_hand_and_the_training_rng_untouched():
+    """The Trainer's cue validation metrics on a linear pixel model, pixels picked so that each
+    image's prediction is known: cAcc where the cue misleads, and aAcc on the cue-free renders."""
+    from egat.train.trainer import cue_mismatch_accuracy, validation_metrics
+
+    model = linear_pixel_model([[1, 0, 0], [0, 1, 0], [0, 0, 1]])  # logit c = mean of channel c
+    colours = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9], [0.9, 0.1, 0.1],
+                            [0.1, 0.1, 0.9]])
+    images = colours[:, :, None, None].expand(5, 3, 4, 4).clone()  # predictions 0, 1, 2, 0, 2
+    labels, cue = torch.tensor([0, 1, 0, 0, 1]), torch.tensor([0, 2, 2, 1, 1])
+    batches = loader_of(images, labels)
+    for start, batch in zip(range(0, 5, 2), batches):
+        batch["cue"] = cue[start : start + 2]
+    # misleading cue on images 1, 2, 3 (cue != label); right there: 1 (pred 1), 3 (pred 0)
+    assert cue_mismatch_accuracy(model, batches, "cpu") == pytest.approx(200 / 3)
+    matching = [{**batches[0], "cue": batches[0]["label"]}]
+    assert math.isnan(cue_mismatch_accuracy(model, matching, "cpu"))  # no misleading cue: NaN, not 0
+    # cue-free renders: image 0 as observed, the others grey (logits tie: argmax 0). Under eps
+    # 0.3, image 0's margin 0.8 > 2 * 0.3 holds; a grey image flips away from class 0.
+    grey = images.clone()
+    grey[1:] = 0.5
+    cue_free = loader_of(grey, labels)
+    params = params_from_dict({"train": {"val_metrics": ["cue_mismatch", "cue_free_aacc"]},
+                               "eval": {"attack": {"eps": 0.3, "alpha": 0.1, "steps": 3}}})
+    torch.manual_seed(7)
+    out = validation_metrics(model, params, batches, "cpu", cue_free)
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(torch.rand(3), after)  # validation drew nothing from the training stream
+    assert out["val/acc"] == pytest.approx(60.0)  # images 0, 1, 3 right
+    assert out["val/cue_mismatch_acc"] == pytest.approx(200 / 3)
+    assert out["val/cue_free_acc"] == pytest.approx(60.0)  # image 0, grey images 2, 3 (label 0)
+    assert out["val/cue_free_aacc"] == pytest.approx(20.0)  # image 0 only
+    assert "val/aacc" not in out
+
+
 # ----------------------------------------------------------------- evaluation and catalog
 
 

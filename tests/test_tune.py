@@ -37,7 +37,8 @@ def test_default_space_is_three_lambdas_log_uniform_on_a_validation_objective():
     adv, egl = tp.space["lambda_adv"], tp.space["lambda_egl"]
     assert (adv.low, adv.high, adv.log) == (0.25, 16.0, True)
     assert (egl.low, egl.high, egl.log) == (0.3, 30.0, True)
-    assert (tp.scheduler, tp.search, tp.objective) == ("asha", "random", "val_cue_free_cacc+val_aacc")
+    assert (tp.scheduler, tp.search, tp.objective) == ("asha", "random",
+                                                     "val_cue_mismatch_cacc+val_cue_free_aacc")
 
 
 @pytest.mark.parametrize("space, message", [
@@ -103,6 +104,7 @@ def test_search_space_maps_ranges_to_tune_distributions():
 
 @pytest.mark.parametrize("objective, val_metrics", [
     ("val_cacc+val_aacc", ["aacc"]), ("val_cacc", []), ("val_comp", ["comp"]),
+    ("val_cue_mismatch_cacc+val_cue_free_aacc", ["cue_mismatch", "cue_free_aacc"]),
 ])
 def test_trial_params_set_the_lambdas_budget_and_validation(objective, val_metrics):
     params = params_from_dict({

@@ -7,6 +7,7 @@ import mlflow
 import pytest
 import yaml
 
+from egat.errors import EgatError
 from tests.helpers import tiny_folder_data
 from tests.test_cli import egat_in_process
 
@@ -59,6 +60,35 @@ def test_a_cue_free_request_on_data_without_renders_names_the_key_and_leaves_no_
     assert one_error_line(err) == (f"error: train.{key}={value} needs cue-free renders, which only "
                                    f"the embedded benchmark has; {valid}")
     assert all_runs(uri) == [] and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("metric, message", [
+    ("cue_free_aacc", "needs cue-free renders, which only the embedded benchmark has"),
+    ("cue_mismatch", "needs each image's cue class, which only the embedded benchmark with a cue has")])
+def test_a_cue_validation_metric_on_data_without_cues_names_it_and_leaves_no_run(
+        metric, message, folder_data, tmp_path, capsys, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = tmp_path / "params.yaml"
+    cfg.write_text(yaml.safe_dump({**folder_data, "train": {"progress": False, "val_metrics": [metric]}}))
+    code, err = egat_in_process(capsys, monkeypatch, tmp_path, "train-cell", "--config", str(cfg),
+                                "--method", "erm", "--domain", "d1", "--seed", "0")
+    assert code == 2
+    assert one_error_line(err) == f"error: train.val_metrics={metric} {message}; use aacc, comp"
+    assert all_runs(uri) == [] and not (tmp_path / "runs").exists()
+
+
+def test_a_cue_tune_objective_on_data_without_cues_is_refused_before_ray(folder_data, tmp_path):
+    from egat.build import params_from_dict
+    from egat.tune import check_objective
+
+    params = params_from_dict({**folder_data, "tune": {"objective": "val_cue_mismatch_cacc+val_cue_free_aacc"}})
+    with pytest.raises(EgatError) as e:
+        check_objective(params)
+    assert str(e.value) == ("tune.objective=val_cue_mismatch_cacc+val_cue_free_aacc: train.val_metrics="
+                            "cue_mismatch needs each image's cue class, which only the embedded benchmark "
+                            "with a cue has; use aacc, comp; or use val_cacc+val_aacc")
+    check_objective(params_from_dict({**folder_data, "tune": {"objective": "val_cacc+val_aacc"}}))
 
 
 def test_prepare_with_a_missing_folder_root_names_the_key_and_writes_nothing(tmp_path, capsys, monkeypatch):

@@ -59,7 +59,8 @@ REPORT = "report.json"
 # Names of the metrics workers report (to Ray Train, and to Tune through TuneReportCallback).
 REPORT_NAMES = {
     "val/acc": "val_cacc", "val/aacc": "val_aacc", "val/comp": "val_comp",
-    "val/cue_free_acc": "val_cue_free_cacc",
+    "val/cue_free_acc": "val_cue_free_cacc", "val/cue_free_aacc": "val_cue_free_aacc",
+    "val/cue_mismatch_acc": "val_cue_mismatch_cacc",
     "train/loss": "train_loss", "train/acc": "train_acc", "best_val_acc": "best_val_acc",
 }
 VAL_REPORTS = tuple(v for k, v in REPORT_NAMES.items() if k.startswith("val/"))

@@ -28,7 +28,10 @@ from egat.data.subsets import stratified_subset
 from egat.errors import EgatError
 from egat.methods import LossOutput, Method
 from egat.metrics.accuracy import evaluate_accuracy
+from egat.metrics.cue import cue_scores
+from egat.metrics.stream import ScoreSums, iterate_batches
 from egat.models import Classifier, build_model
+from egat.models.mode import model_mode
 from egat.resources import suggest_batch_size_on_oom
 from egat.run.checkpoint import (
     model_checkpoint, params_fingerprint, rank_state, read_training_state, training_domains,
@@ -69,15 +72,25 @@ def build_dataset(params: Params, splits: dict, domains: list[str], split: str, 
     )
 
 
+def has_cue_classes(splits: dict) -> bool:
+    """Does the data know each image's cue class (the embedded benchmark with a cue)?"""
+    return any(c >= 0 for c in (splits.get("cue_class") or {}).values())
+
+
 def check_selection(params: Params, splits: dict) -> None:
-    """``train.select`` and ``train.images`` ask only for what the data has."""
+    """``train.select``, ``train.images`` and ``train.val_metrics`` ask only for what the data has."""
     t = params.train
-    if cue_free_root(params.data.root, splits) is None:
-        for key, value in (("train.select", t.select), ("train.images", t.images)):
-            if value.startswith("cue_free"):
-                valid = "val, last" if key == "train.select" else "observed"
-                raise EgatError(f"{key}={value} needs cue-free renders, which only the embedded "
-                                f"benchmark has; use {valid}")
+    asked = (("train.select", t.select), ("train.images", t.images),
+             *(("train.val_metrics", m) for m in t.val_metrics))
+    valid = {"train.select": "val, last", "train.images": "observed",
+             "train.val_metrics": "aacc, comp"}
+    for key, value in asked:
+        if value.startswith("cue_free") and cue_free_root(params.data.root, splits) is None:
+            raise EgatError(f"{key}={value} needs cue-free renders, which only the embedded "
+                            f"benchmark has; use {valid[key]}")
+        if value == "cue_mismatch" and not has_cue_classes(splits):
+            raise EgatError(f"{key}={value} needs each image's cue class, which only the embedded "
+                            f"benchmark with a cue has; use {valid[key]}")
 
 
 def selection_score(rule: str, val: dict[str, float], step: int) -> float:
@@ -96,17 +109,27 @@ def validation_loader(params: Params, dataset) -> DataLoader:
 def validation_metrics(model: Classifier, params: Params, loader, device: torch.device,
                        cue_free_loader=None) -> dict:  # fmt: skip
     """cAcc on the validation ``loader`` (see :func:`validation_loader`), plus ``train.val_metrics``:
-    aAcc under ``eval.attack`` and comprehensiveness of ``eval.explainer`` (as in evaluation), and
-    cAcc on the cue-free renders of the same images where ``cue_free_loader`` is given; percent.
+    aAcc under ``eval.attack`` and comprehensiveness of ``eval.explainer`` (as in evaluation); and,
+    where ``cue_free_loader`` (the cue-free renders of the same images) is given, cAcc on it and
+    with ``cue_free_aacc`` its aAcc; with ``cue_mismatch``, cAcc on the images whose cue points to
+    another class (:func:`cue_mismatch_accuracy`); percent.
 
-    The attack's random start draws from a forked RNG seeded by ``train.seed``, so validation is
+    The attacks' random starts draw from a forked RNG seeded by ``train.seed``, so validation is
     deterministic and leaves the training RNG stream untouched.
     """
     t = params.train
     extra = {}
+    if "cue_mismatch" in t.val_metrics:
+        with seeded_scope(t.seed, device):  # a loader pass draws a seed from the global RNG
+            extra["val/cue_mismatch_acc"] = cue_mismatch_accuracy(model, loader, device)
     if cue_free_loader is not None:
         extra["val/cue_free_acc"] = evaluate_accuracy(model, cue_free_loader, device)["clean"]
-    if not t.val_metrics:
+        if "cue_free_aacc" in t.val_metrics:
+            with seeded_scope(t.seed, device):
+                attack = {"aacc": build_attack(model, params.eval.attack)}
+                extra["val/cue_free_aacc"] = evaluate_accuracy(
+                    model, cue_free_loader, device, attack)["aacc"]
+    if not {"aacc", "comp"} & set(t.val_metrics):
         acc = evaluate_accuracy(model, loader, device)
         return {"val/acc": acc["clean"], **extra}
     with seeded_scope(t.seed, device):
@@ -124,6 +147,16 @@ def validation_metrics(model: Classifier, params: Params, loader, device: torch.
             model, explainer, loader, device, faith.ks, faith.baseline
         )["comp"]
     return out
+
+
+def cue_mismatch_accuracy(model: Classifier, loader, device: torch.device) -> float:
+    """cAcc (%) on the images of ``loader`` whose cue points to another class (NaN: none)."""
+    sums = ScoreSums()
+    with model_mode(model, "eval"), torch.no_grad():
+        for batch in iterate_batches(loader, device):
+            pred = model(batch["image"]).argmax(1)
+            sums.add("right", cue_scores(pred, batch["label"], batch["cue"])["cacc_cue_mismatch"])
+    return 100.0 * sums.mean("right") if sums.counts["right"] else float("nan")
 
 
 def lr_scheduler(
