@@ -183,7 +183,7 @@ def test_the_stage_writes_robust_json_and_logs_to_mlflow(cell, monkeypatch):
 
 @pytest.mark.parametrize("overrides, needle", [
     ({"subset": 7}, "robust.subset=7: must lie in 1..6"),
-    ({"transfer_from": "dre"}, "robust.transfer_from: check (d) needs dre's run of d1/seed0"),
+    ({"transfer_from": "egat"}, "robust.transfer_from: check (d) needs egat's run of d1/seed0"),
     ({"attack": {"ensemble": ["apgd", "apgdt"]}}, "robust.attack: apgdt (targeted DLR) needs >= 4"),
 ])
 def test_the_stage_refuses_bad_requests_before_any_side_effect(cell, overrides, needle, capsys,

@@ -34,7 +34,7 @@ from egat.methods.base import LossOutput, Method, MethodConfig, distance, method
 # says why. default: the best trial of the Ray Tune search on benchmark v2 (docs/results/v2_tune.md);
 # study_v2: the weights Tables I-IV of docs/results/ were measured with; paper: the paper's.
 PRESETS = {
-    "default": dict(lambda_adv=2.96, lambda_egl=1.42, lambda_mix=0.42, lambda_sparse=0.2,
+    "default": dict(lambda_adv=3.535, lambda_egl=1.039, lambda_mix=0.1163, lambda_sparse=0.2,
                     mix_alpha=0.2),
     "study_v2": dict(lambda_adv=6.0, lambda_egl=10.0, lambda_mix=1.0, lambda_sparse=0.2,
                      mix_alpha=0.2),
