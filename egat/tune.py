@@ -83,26 +83,37 @@ def search_space(tp: TuneParams) -> dict[str, Any]:
 
 
 def check_objective(params: Params) -> None:
-    """The objective asks only for what the data has (cue objectives: the embedded benchmark)."""
+    """A trial asks only for what the data has: its training domains, and for a cue objective
+    the embedded benchmark's cue-free renders and cue classes."""
     from egat.data import read_splits
+    from egat.run.checkpoint import training_domains
     from egat.train.trainer import check_selection
 
-    raw = params.model_dump(mode="json")
-    raw["train"]["val_metrics"] = OBJECTIVE_VAL_METRICS[params.tune.objective]
+    trial = trial_params(params, {})
+    splits = read_splits(params.data.splits_file)
     try:
-        check_selection(params_from_dict(raw), read_splits(params.data.splits_file))
+        training_domains(trial, splits["domains"])
+    except EgatError as e:
+        raise EgatError(f"tune: {e} (a trial trains on train.domains, or on study.train_domains' "
+                        "first)") from None
+    try:
+        check_selection(trial, splits)
     except EgatError as e:
         raise EgatError(f"tune.objective={params.tune.objective}: {e}; or use val_cacc+val_aacc") from None
 
 
 def trial_params(params: Params, sample: Mapping[str, float]) -> Params:
-    """The params of one trial: the sampled values set, and the search's training budget."""
+    """The params of one trial: the sampled values set, the search's training budget, and the
+    study's (first) training domain unless ``train.domains`` names the domains."""
     tp = params.tune
     raw = params.model_dump(mode="json")
     t = raw["train"]
     t.update(
         method=tp.method, progress=False, val_batches=tp.val_batches,
         val_metrics=OBJECTIVE_VAL_METRICS[tp.objective],
+        # the study's training domain, as its cells train on (train.domains: [] would mean the
+        # data's first domain in sorted order, not the study's)
+        domains=t["domains"] or params.study.train_domains[:1],
     )
     if tp.steps:
         t["steps"] = tp.steps
@@ -232,7 +243,8 @@ def run_search(
 
         logged = {f"tune.{k}": v for k, v in flatten(tp.model_dump(mode="json")).items()}
         logged.update({"num_samples": num_samples, "max_concurrent_trials": concurrency,
-                       "trial_steps": steps, "workers_per_trial": probe.train.workers})
+                       "trial_steps": steps, "workers_per_trial": probe.train.workers,
+                       "trial_domains": ",".join(probe.train.domains)})
         client.log_batch(parent_id, params=[Param(k, str(v)[:6000]) for k, v in logged.items()])
 
         ctx = {"params": params.model_dump(mode="json"), "cwd": cwd, "name": name,
@@ -264,8 +276,9 @@ def run_search(
                  "parent_run_id": parent_id, "finished": False}
         _write_search_file(path, state)
         verb = "resuming" if previous else "tune"
-        echo(f"{verb} {name}: {num_samples} trials, {concurrency} at a time, {steps} steps each, "
-             f"search={tp.search}, scheduler={tp.scheduler}, objective={tp.objective}")
+        echo(f"{verb} {name}: {num_samples} trials, {concurrency} at a time, {steps} steps each "
+             f"on {', '.join(probe.train.domains)}, search={tp.search}, scheduler={tp.scheduler}, "
+             f"objective={tp.objective}")
         try:
             grid = tuner.fit()
         finally:

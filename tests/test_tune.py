@@ -118,6 +118,14 @@ def test_trial_params_set_the_lambdas_budget_and_validation(objective, val_metri
     t = trial.train
     assert (t.method, t.steps, t.eval_every, t.checkpoint_every) == ("egat", 12, 4, 4)
     assert (t.val_batches, t.val_metrics, t.workers, t.progress) == (3, val_metrics, 2, False)
+    assert t.domains == ["grass"]  # the study's training domain, not the data's first (brick)
+
+
+def test_a_trial_trains_on_train_domains_when_given_else_the_studys_first():
+    given = params_from_dict({"train": {"domains": ["gravel"]}, "study": {"train_domains": ["brick"]}})
+    assert trial_params(given, {}).train.domains == ["gravel"]
+    study = params_from_dict({"study": {"train_domains": ["camera", "brick"]}})
+    assert trial_params(study, {}).train.domains == ["camera"]
 
 
 def test_a_method_without_the_searched_keys_is_refused():

@@ -82,13 +82,19 @@ def test_a_cue_tune_objective_on_data_without_cues_is_refused_before_ray(folder_
     from egat.build import params_from_dict
     from egat.tune import check_objective
 
-    params = params_from_dict({**folder_data, "tune": {"objective": "val_cue_mismatch_cacc+val_cue_free_aacc"}})
+    params = params_from_dict({**folder_data, "study": {"train_domains": ["d1"]},
+                               "tune": {"objective": "val_cue_mismatch_cacc+val_cue_free_aacc"}})
     with pytest.raises(EgatError) as e:
         check_objective(params)
     assert str(e.value) == ("tune.objective=val_cue_mismatch_cacc+val_cue_free_aacc: train.val_metrics="
                             "cue_mismatch needs each image's cue class, which only the embedded benchmark "
                             "with a cue has; use aacc, comp; or use val_cacc+val_aacc")
-    check_objective(params_from_dict({**folder_data, "tune": {"objective": "val_cacc+val_aacc"}}))
+    check_objective(params_from_dict({**folder_data, "tune": {"objective": "val_cacc+val_aacc"},
+                                      "study": {"train_domains": ["d1"]}}))
+    with pytest.raises(EgatError) as e:  # the default study's grass is not a domain of this data
+        check_objective(params_from_dict({**folder_data, "tune": {"objective": "val_cacc+val_aacc"}}))
+    assert str(e.value) == ("tune: train.domains: unknown domain(s) ['grass']; valid: d1, d2 (a trial "
+                            "trains on train.domains, or on study.train_domains' first)")
 
 
 def test_prepare_with_a_missing_folder_root_names_the_key_and_writes_nothing(tmp_path, capsys, monkeypatch):
