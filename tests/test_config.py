@@ -65,7 +65,7 @@ def test_overrides_and_missing_file(tmp_path):
 def test_presets_and_explicit_values():
     p = params_from_dict({"methods": {"egat": {"lambda_adv": 2}}})
     cfg = method_hparams(p)
-    assert (cfg.lambda_adv, cfg.lambda_egl, cfg.lambda_mix, cfg.lambda_sparse) == (2, 1.039, 0.1163, 0.2)
+    assert (cfg.lambda_adv, cfg.lambda_egl, cfg.lambda_mix, cfg.lambda_sparse) == (2, 3.372, 0.3141, 0.2)
     tables = method_hparams(params_from_dict({"methods": {"egat": {"preset": "study_v2"}}}))
     assert (tables.lambda_adv, tables.lambda_egl, tables.lambda_mix) == (6, 10, 1)
     assert method_hparams(p, "egat_wo_at").lambda_adv == 0
@@ -123,7 +123,7 @@ def test_a_value_that_differs_from_the_code_default_is_named(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     found = disagreements(tmp_path / "params.yaml")
     assert "train.steps: file 401, code 400" in found and "methods.ign.m: file 6, code 5" in found
-    assert "methods.egat.lambda_adv: file 0.5, code 3.535" in found
+    assert "methods.egat.lambda_adv: file 0.5, code 5.024" in found
     assert "studies.variants.resnet50.overrides.model.input_size: file '<absent>', code 64" in found
     assert len(found) == 8  # + methods.egat.preset, lambda_egl, lambda_mix and lambda_sparse
 
@@ -134,7 +134,7 @@ def test_silent_keys_keep_the_study_values():
     assert (p.attack.steps, p.attack.alpha, p.eval.attack.steps) == (3, 0.0261, 10)
     assert (p.robust.attack.name, p.robust.attack.targets, p.robust.attack.queries) == (
         "autoattack", 3, 200)
-    assert method_hparams(p, "egat").lambda_egl == 1.039
+    assert method_hparams(p, "egat").lambda_egl == 3.372
 
 
 def test_the_tune_space_holds_the_study_values():

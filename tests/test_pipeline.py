@@ -121,7 +121,7 @@ def test_repro_outputs_reports_metrics_and_mlflow_runs(project):
     assert {"method", "domain", "seed", "dataset", "git_commit", "stage"} <= set(train.data.tags)
     assert "train/adv" in train.data.metrics and "val/acc" in train.data.metrics
     assert train.data.params["train.steps"] == "3"
-    assert train.data.params["methods.egat.lambda_adv"] == "3.535"  # resolved from the default preset
+    assert train.data.params["methods.egat.lambda_adv"] == "5.024"  # resolved from the default preset
     artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
     assert {"checkpoint", "train_metrics.json"} <= artifacts
     (logged,) = client.search_logged_models([train.info.experiment_id],

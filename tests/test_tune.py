@@ -114,7 +114,7 @@ def test_trial_params_set_the_lambdas_budget_and_validation(objective, val_metri
     })
     trial = trial_params(params, {"lambda_adv": 2.5, "lambda_sparse": 0.05})
     cfg = method_hparams(trial, "egat")
-    assert (cfg.lambda_adv, cfg.lambda_sparse, cfg.lambda_egl) == (2.5, 0.05, 1.039)
+    assert (cfg.lambda_adv, cfg.lambda_sparse, cfg.lambda_egl) == (2.5, 0.05, 3.372)
     t = trial.train
     assert (t.method, t.steps, t.eval_every, t.checkpoint_every) == ("egat", 12, 4, 4)
     assert (t.val_batches, t.val_metrics, t.workers, t.progress) == (3, val_metrics, 2, False)

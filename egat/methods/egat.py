@@ -31,10 +31,10 @@ from egat.explain import Explainer
 from egat.methods.base import LossOutput, Method, MethodConfig, distance, method_registry
 
 # Presets of (lambda_adv, lambda_egl, lambda_mix, lambda_sparse, mix_alpha); docs/method.md, Objective
-# says why. default: the best trial of the Ray Tune search on benchmark v2 (docs/results/v2_tune.md);
+# says why. default: the best trial of the Ray Tune search on benchmark v2 (docs/results/v3_tune.md);
 # study_v2: the weights Tables I-IV of docs/results/ were measured with; paper: the paper's.
 PRESETS = {
-    "default": dict(lambda_adv=3.535, lambda_egl=1.039, lambda_mix=0.1163, lambda_sparse=0.2,
+    "default": dict(lambda_adv=5.024, lambda_egl=3.372, lambda_mix=0.3141, lambda_sparse=0.2,
                     mix_alpha=0.2),
     "study_v2": dict(lambda_adv=6.0, lambda_egl=10.0, lambda_mix=1.0, lambda_sparse=0.2,
                      mix_alpha=0.2),
