@@ -369,7 +369,7 @@ class TrainParams(Strict):
 class SweepParams(Strict):
     attacks: list[Literal["fgsm", "mifgsm", "pgd", "apgd"]] = ["fgsm", "mifgsm", "pgd", "apgd"]
     eps: list[float] = [0.01, 0.02, 0.03, 0.04]
-    steps: int = Field(5, ge=1)  # CPU budget (docs/results/v2_make_run_breakdown.md); paper: 10
+    steps: int = Field(5, ge=1)  # CPU budget (docs/results/v3_make_run_breakdown.md); paper: 10
     max_examples: int = Field(100, ge=0)  # test images of the training domains; 0 = all
 
 
@@ -465,8 +465,8 @@ class StudyParams(Strict):
     """The DVC train/evaluate matrix: methods x training domains x seeds."""
 
     # The embedded default is the smallest study that answers "does EGAT beat the baselines":
-    # the floor (ERM), the robust baseline (PGD-AT) and EGAT, within 20 minutes on 2 cores
-    # (README, Speed). The whole comparison, every baseline (63 minutes; ign left out, 30x an ERM
+    # the floor (ERM), the robust baseline (PGD-AT) and EGAT: 23 minutes on 2 cores
+    # (docs/results/v3_make_run_breakdown.md). The whole comparison, every baseline (63 minutes; ign left out, 30x an ERM
     # step): README, "The full study".
     methods: list[str] = ["erm", "pgd_at", "egat"]
     train_domains: list[str] = ["grass"]
