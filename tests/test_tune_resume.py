@@ -129,13 +129,15 @@ def test_a_run_resumed_after_its_last_step_reports_its_objective_again(tmp_path)
         params = trial_params(prepared(tune_params(tmp_path)), {})
         cluster.connect(num_cpus=2)
         try:
-            runs = [ray_train.fit_ray(params, None, name="ended", objective="val_cacc+val_aacc")
+            runs = [ray_train.fit_ray(params, None, name="ended", objective=params.tune.objective)
                     for _ in range(2)]
         finally:
             ray.shutdown()
     first, again = (json.loads((r.run_dir / ray_train.REPORT).read_text()) for r in runs)
     assert again["final"] == 1 and again["step"] == STEPS
-    assert again["objective"] == first["objective"] == first["val_cacc"] + first["val_aacc"]
+    terms = params.tune.objective.split("+")  # the default: the two cue-proof metrics
+    assert terms == ["val_cue_mismatch_cacc", "val_cue_free_aacc"]
+    assert again["objective"] == first["objective"] == sum(first[t] for t in terms)
     assert again["train_time_s"] <= first["train_time_s"] + 1e-6  # restored, not trained again
 
 
