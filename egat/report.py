@@ -22,7 +22,7 @@ import pandas as pd
 
 from egat import io
 from egat.errors import EgatError
-from egat.metrics.catalog import METRIC_NAMES, METRICS, TITLES, image_count
+from egat.metrics.catalog import METRIC_NAMES, METRICS, PROPORTIONS, TITLES, image_count
 from egat.robust_report import add_aa_column, build_robust_report
 from egat.stats import Stats, binomial_variance, interval_ranks, over_seeds
 from egat.run.layout import EVAL_FILE, VARIANTS, cell_files
@@ -152,6 +152,11 @@ def var_columns(df: pd.DataFrame, metrics: list[str]) -> list[str]:
     return [f"{m}_var" for m in metrics if f"{m}_var" in df.columns]
 
 
+def proportions(columns) -> list[str]:
+    """The columns (``id_``/``ood_`` prefixed or not) that are percentages of images."""
+    return [c for c in columns if c.removeprefix("id_").removeprefix("ood_") in PROPORTIONS]
+
+
 def per_run_means(domains: pd.DataFrame, in_domain: bool) -> pd.DataFrame:
     """Each run's metrics averaged over its in-domain (or OOD) test domains; index RUN_KEYS.
     ``<metric>_var`` columns (test-set error, see :func:`test_variances`) combine as the variance
@@ -186,7 +191,7 @@ def in_domain_table(results: Results) -> Stats:
     runs = per_run_means(results.domains, in_domain=True)
     runs = runs[metrics + var_columns(runs, metrics)]
     columns = pd.MultiIndex.from_product([results.train_order, metrics])
-    return over_seeds(runs, ["method", "train_domain"]).map(
+    return over_seeds(runs, ["method", "train_domain"], proportions(metrics)).map(
         lambda stat: stat.unstack("train_domain").swaplevel(axis=1).reindex(
             index=results.methods, columns=columns))
 
@@ -215,7 +220,7 @@ def ood_table(results: Results) -> OodTable:
     intervals tie), mean/var of ranks, and the OOD mean per training domain."""
     ood = results.domains[~results.domains["in_domain"]]
     runs = ood.set_index([*RUN_KEYS, "test_domain"])[["cacc", "cacc_var"]]
-    stats = over_seeds(runs, ["method", "train_domain", "test_domain"])
+    stats = over_seeds(runs, ["method", "train_domain", "test_domain"], ["cacc"])
     present = set(zip(ood["train_domain"], ood["test_domain"]))
     pairs = [(t, d) for t in results.train_order for d in results.domain_order if (t, d) in present]
     columns = pd.MultiIndex.from_tuples(pairs, names=["train_domain", "test_domain"])
@@ -224,7 +229,7 @@ def ood_table(results: Results) -> OodTable:
     rank = interval_ranks(stats)
     per_run = per_run_means(results.domains, in_domain=False)[["cacc", "cacc_var"]]
     trains = [t for t in results.train_order if t in set(ood["train_domain"])]
-    mean_stats = over_seeds(per_run, ["method", "train_domain"]).map(
+    mean_stats = over_seeds(per_run, ["method", "train_domain"], ["cacc"]).map(
         lambda stat: stat["cacc"].unstack("train_domain").reindex(index=results.methods, columns=trains))
     # Population variance, as the paper's 0.81 / 2.81.
     return OodTable(stats, rank, rank.mean(axis=1), rank.var(axis=1, ddof=0), mean_stats)
@@ -246,7 +251,8 @@ def group_table(results: Results, wanted: tuple[str, ...]) -> Stats:
     per_seed = per_seed_means(results.domains)
     columns = [f"{prefix}_{m}" for m in metric_columns(results.domains, wanted)
                for prefix in GROUPS if f"{prefix}_{m}" in per_seed.columns]
-    stats = over_seeds(per_seed[columns + var_columns(per_seed, columns)], ["method"])
+    stats = over_seeds(per_seed[columns + var_columns(per_seed, columns)], ["method"],
+                       proportions(columns))
     return stats.map(lambda stat: stat[columns].reindex(results.methods))
 
 
@@ -269,7 +275,8 @@ def summary_metrics(results: Results, ood: OodTable) -> dict[str, dict[str, floa
 def sweep_stats(results: Results) -> Stats:
     """Accuracy under each sweep attack over seeds, index (method, train, attack, eps)."""
     runs = results.sweep.set_index([*RUN_KEYS, "attack", "eps"])[["accuracy", "accuracy_var"]]
-    return over_seeds(runs, ["method", "train_domain", "attack", "eps"]).map(lambda s: s["accuracy"])
+    return over_seeds(runs, ["method", "train_domain", "attack", "eps"], ["accuracy"]).map(
+        lambda s: s["accuracy"])
 
 
 def sweep_plot_data(results: Results) -> pd.DataFrame:
@@ -281,17 +288,17 @@ def sweep_plot_data(results: Results) -> pd.DataFrame:
 
 # --- formatting ---------------------------------------------------------------------------------
 
-def format_cell(mean: float, std: float = float("nan"), half: float = float("nan"),
-                rank: float = float("nan")) -> str:  # fmt: skip
-    """"54.40", "54.40 ± 1.20" where seeds vary, "(50.1, 58.7)" its 95 % interval, "[1]" its
-    rank; "-" where missing."""
+def format_cell(mean: float, std: float = float("nan"), low: float = float("nan"),
+                high: float = float("nan"), rank: float = float("nan")) -> str:  # fmt: skip
+    """"54.40", "54.40 ± 1.20" where seeds vary, "(50.1, 58.7)" its 95 % interval (shown where
+    it has a width), "[1]" its rank; "-" where missing."""
     if pd.isna(mean):
         return "-"
     text = f"{mean:.{DIGITS}f}"
     if pd.notna(std):
         text += f" ± {std:.{DIGITS}f}"
-    if pd.notna(half) and half > 0:
-        text += f" ({mean - half:.{DIGITS}f}, {mean + half:.{DIGITS}f})"
+    if pd.notna(low) and pd.notna(high) and high > low:
+        text += f" ({low:.{DIGITS}f}, {high:.{DIGITS}f})"
     if pd.notna(rank):
         text += f" [{int(rank)}]"
     return text
@@ -313,10 +320,10 @@ def pair_label(pair: tuple[str, str]) -> str:
 
 def cell_table(label, stats: Stats, rank: pd.DataFrame | None = None):
     """Markdown cells: one formatted column per column of ``stats``, named ``label(column)``."""
-    mean = stats.mean
+    mean, std, low, high = stats.mean, stats.std, stats.low, stats.high
     rank = rank if rank is not None else pd.DataFrame(index=mean.index, columns=mean.columns)
     return pd.DataFrame(
-        {label(c): [format_cell(*v) for v in zip(mean[c], stats.std[c], stats.half[c], rank[c])]
+        {label(c): [format_cell(*v) for v in zip(mean[c], std[c], low[c], high[c], rank[c])]
          for c in mean.columns},
         index=mean.index,
     )
@@ -412,7 +419,7 @@ def method_colors(methods: list[str]) -> dict[str, str]:
 def plot_attack_sweep(results: Results, path: Path) -> None:
     """Accuracy vs eps, one panel per (training domain, attack), one line per method (paper Fig. 2)."""
     stats = sweep_stats(results)
-    mean = stats.mean
+    mean, low, high = stats.mean, stats.low, stats.high
     attacks = list(dict.fromkeys(results.sweep["attack"]))
     trains = [t for t in results.train_order if t in set(results.sweep["train_domain"])]
     colors = method_colors(results.methods)
@@ -427,9 +434,10 @@ def plot_attack_sweep(results: Results, path: Path) -> None:
                 key = (method, train, attack)
                 if key not in mean.index:
                     continue
-                m, h = mean.loc[key], stats.half.loc[key]
+                m = mean.loc[key]
                 (legend[method],) = ax.plot(m.index, m.values, marker="o", color=colors[method])
-                ax.fill_between(m.index, m - h, m + h, color=colors[method], alpha=0.15)
+                ax.fill_between(m.index, low.loc[key], high.loc[key], color=colors[method],
+                                alpha=0.15)
             ax.set_title(f"{ATTACK_NAMES.get(attack, attack)}, trained on {train}")
             ax.set_xticks(sorted(results.sweep["eps"].unique()))
             ax.set_xlabel("ε (L∞ budget, pixels in [0, 1])")
@@ -455,7 +463,9 @@ def plot_accuracy_bars(results: Results, path: Path) -> None:
     positions = range(len(results.methods))
     for i, metric in enumerate(metrics):
         values = mean[metric].reindex(results.methods)
-        errors = stats.half[metric].reindex(results.methods).fillna(0.0)
+        # The interval's two sides: asymmetric where a percentage's is clipped at 0 or 100.
+        errors = [(values - stats.low[metric].reindex(results.methods)).fillna(0.0),
+                  (stats.high[metric].reindex(results.methods) - values).fillna(0.0)]
         offsets = [p + (i - (len(metrics) - 1) / 2) * width for p in positions]
         adversarial = metric.endswith("aacc")
         # One color per test group (in-domain / OOD); aAcc bars hatched and lighter.

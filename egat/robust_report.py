@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from egat import io
-from egat.stats import Stats, binomial_variance, over_seeds
+from egat.stats import Stats, astuple_shallow, binomial_variance, over_seeds
 from egat.run.layout import ROBUST_FILE, cell_files
 
 KEYS = ["method", "train_domain"]
@@ -146,7 +146,7 @@ def add_aa_column(evals_dir: str | Path, table1: Stats) -> tuple[Stats, str]:
         return table1, ""
     df = df.assign(aa_var=binomial_variance(df["aa"], df["n"]))
     aa = over_seeds(df.set_index(["method", "train_domain", "seed"])[["aa", "aa_var"]],
-                    ["method", "train_domain"]).map(lambda s: s["aa"].unstack("train_domain"))
+                    ["method", "train_domain"], ["aa"]).map(lambda s: s["aa"].unstack("train_domain"))
     columns = [c for t in dict.fromkeys(table1.mean.columns.get_level_values(0))
                for c in [*[c for c in table1.mean.columns if c[0] == t], (t, "aa")]]
 
@@ -157,7 +157,7 @@ def add_aa_column(evals_dir: str | Path, table1: Stats) -> tuple[Stats, str]:
         flags = failed_checks(df)
         return out.rename(index={m: f"{m} ⚠ ({flags[m]})" for m in out.index if m in flags})
 
-    table1 = Stats(joined(table1.mean, aa.mean), joined(table1.std, aa.std), joined(table1.half, aa.half))
+    table1 = Stats(*map(joined, astuple_shallow(table1), astuple_shallow(aa)))
     return table1, (
         "AA: accuracy under AutoAttack (`robust.attack`) on a stratified subset of the test split "
         "(reports/robustness.md); ⚠ (checks): the gradient-masking checks the method fails there.")

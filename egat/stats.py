@@ -6,7 +6,7 @@ Shared by egat/report.py (Tables I-IV, the figures) and egat/robust_report.py (t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pandas as pd
@@ -22,31 +22,41 @@ def binomial_variance(percent, n):
 
 @dataclass(frozen=True)
 class Stats:
-    """Mean, sample std over seeds (NaN for one seed) and 95 % CI half-width of every cell."""
+    """Mean, sample std over seeds (NaN for one seed) and 95 % CI half-width of every cell, and
+    the range each cell's metric can take (``floor``/``ceiling``; None or NaN: unbounded): the
+    interval ``low``/``high`` is clipped to it, so a percentage's never leaves [0, 100]."""
 
     mean: pd.DataFrame
     std: pd.DataFrame
     half: pd.DataFrame
+    floor: pd.DataFrame | None = None
+    ceiling: pd.DataFrame | None = None
 
     @property
     def low(self) -> pd.DataFrame:
-        return self.mean - self.half
+        return (self.mean - self.half).clip(lower=self.floor)
 
     @property
     def high(self) -> pd.DataFrame:
-        return self.mean + self.half
+        return (self.mean + self.half).clip(upper=self.ceiling)
 
     def map(self, fn) -> "Stats":
-        return Stats(fn(self.mean), fn(self.std), fn(self.half))
+        return Stats(*(None if part is None else fn(part) for part in astuple_shallow(self)))
 
 
-def over_seeds(per_seed: pd.DataFrame, by: list[str]) -> Stats:
+def astuple_shallow(stats: Stats) -> tuple:
+    """The fields in order, not copied (dataclasses.astuple deep-copies every frame)."""
+    return tuple(getattr(stats, f.name) for f in fields(stats))
+
+
+def over_seeds(per_seed: pd.DataFrame, by: list[str], percent=()) -> Stats:
     """Stats over the seed level of ``per_seed`` (one row per seed), grouped by ``by``.
 
     half = sqrt((t_{k-1} s / sqrt(k))^2 + (z var_test^0.5)^2): the seeds' t interval and the
     shared test set's normal interval in quadrature (docs/protocol.md); with one seed, the test
     set's alone. ``<column>_var`` columns hold the test-set variance of ``<column>``; metrics
-    without one (rank scores) get the seeds' term only.
+    without one (rank scores) get the seeds' term only. The columns named in ``percent`` are
+    percentages of images: their intervals are clipped to [0, 100].
     """
     from scipy.stats import t as student_t
 
@@ -60,7 +70,11 @@ def over_seeds(per_seed: pd.DataFrame, by: list[str]) -> Stats:
         if f"{c}_var" in per_seed.columns:
             test_term[c] = (Z95 * np.sqrt(grouped[f"{c}_var"].mean())).fillna(0.0)
     half = np.sqrt(seed_term**2 + test_term**2)
-    return Stats(mean, std, half)
+    floor = pd.DataFrame(np.nan, index=mean.index, columns=mean.columns)
+    ceiling = floor.copy()
+    bounded = mean.columns.isin(list(percent))
+    floor.loc[:, bounded], ceiling.loc[:, bounded] = 0.0, 100.0
+    return Stats(mean, std, half, floor, ceiling)
 
 
 def interval_ranks(stats: Stats) -> pd.DataFrame:

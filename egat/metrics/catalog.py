@@ -56,6 +56,8 @@ METRICS: tuple[Metric, ...] = (
 METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS)
 TITLES: dict[str, str] = {m.name: m.title for m in METRICS}
 PERCENT_METRICS: frozenset[str] = frozenset(m.name for m in METRICS if m.percent)
+# Percentages of images (binomial error): their confidence intervals stay within [0, 100].
+PROPORTIONS: frozenset[str] = frozenset(m.name for m in METRICS if m.error == "binomial")
 
 
 def image_count(metric: Metric, domain: dict) -> int | None:
