@@ -22,7 +22,7 @@ import pandas as pd
 
 from egat import io
 from egat.errors import EgatError
-from egat.metrics.catalog import METRIC_NAMES, METRICS, PROPORTIONS, TITLES, image_count
+from egat.metrics.catalog import BOUNDS, METRIC_NAMES, METRICS, PERCENT, TITLES, image_count
 from egat.robust_report import add_aa_column, build_robust_report
 from egat.stats import Stats, binomial_variance, interval_ranks, over_seeds
 from egat.run.layout import EVAL_FILE, VARIANTS, cell_files
@@ -152,9 +152,10 @@ def var_columns(df: pd.DataFrame, metrics: list[str]) -> list[str]:
     return [f"{m}_var" for m in metrics if f"{m}_var" in df.columns]
 
 
-def proportions(columns) -> list[str]:
-    """The columns (``id_``/``ood_`` prefixed or not) that are percentages of images."""
-    return [c for c in columns if c.removeprefix("id_").removeprefix("ood_") in PROPORTIONS]
+def bounds_of(columns) -> dict[str, tuple[float, float]]:
+    """The range of each metric column (``id_``/``ood_`` prefixed or not) that the catalog knows."""
+    bare = {c: c.removeprefix("id_").removeprefix("ood_") for c in columns}
+    return {c: BOUNDS[name] for c, name in bare.items() if name in BOUNDS}
 
 
 def per_run_means(domains: pd.DataFrame, in_domain: bool) -> pd.DataFrame:
@@ -191,7 +192,7 @@ def in_domain_table(results: Results) -> Stats:
     runs = per_run_means(results.domains, in_domain=True)
     runs = runs[metrics + var_columns(runs, metrics)]
     columns = pd.MultiIndex.from_product([results.train_order, metrics])
-    return over_seeds(runs, ["method", "train_domain"], proportions(metrics)).map(
+    return over_seeds(runs, ["method", "train_domain"], bounds_of(metrics)).map(
         lambda stat: stat.unstack("train_domain").swaplevel(axis=1).reindex(
             index=results.methods, columns=columns))
 
@@ -220,7 +221,7 @@ def ood_table(results: Results) -> OodTable:
     intervals tie), mean/var of ranks, and the OOD mean per training domain."""
     ood = results.domains[~results.domains["in_domain"]]
     runs = ood.set_index([*RUN_KEYS, "test_domain"])[["cacc", "cacc_var"]]
-    stats = over_seeds(runs, ["method", "train_domain", "test_domain"], ["cacc"])
+    stats = over_seeds(runs, ["method", "train_domain", "test_domain"], bounds_of(["cacc"]))
     present = set(zip(ood["train_domain"], ood["test_domain"]))
     pairs = [(t, d) for t in results.train_order for d in results.domain_order if (t, d) in present]
     columns = pd.MultiIndex.from_tuples(pairs, names=["train_domain", "test_domain"])
@@ -229,7 +230,7 @@ def ood_table(results: Results) -> OodTable:
     rank = interval_ranks(stats)
     per_run = per_run_means(results.domains, in_domain=False)[["cacc", "cacc_var"]]
     trains = [t for t in results.train_order if t in set(ood["train_domain"])]
-    mean_stats = over_seeds(per_run, ["method", "train_domain"], ["cacc"]).map(
+    mean_stats = over_seeds(per_run, ["method", "train_domain"], bounds_of(["cacc"])).map(
         lambda stat: stat["cacc"].unstack("train_domain").reindex(index=results.methods, columns=trains))
     # Population variance, as the paper's 0.81 / 2.81.
     return OodTable(stats, rank, rank.mean(axis=1), rank.var(axis=1, ddof=0), mean_stats)
@@ -252,14 +253,15 @@ def group_table(results: Results, wanted: tuple[str, ...]) -> Stats:
     columns = [f"{prefix}_{m}" for m in metric_columns(results.domains, wanted)
                for prefix in GROUPS if f"{prefix}_{m}" in per_seed.columns]
     stats = over_seeds(per_seed[columns + var_columns(per_seed, columns)], ["method"],
-                       proportions(columns))
+                       bounds_of(columns))
     return stats.map(lambda stat: stat[columns].reindex(results.methods))
 
 
 def summary_metrics(results: Results, ood: OodTable) -> dict[str, dict[str, float]]:
     """{method: {id_cacc, id_aacc, ood_cacc, ..., ood_mean_rank, ood_rank_variance}}, NaN-free;
     every metric also as ``<metric>_ci`` (the 95 % interval's half-width)."""
-    stats = over_seeds(per_seed_means(results.domains), ["method"])
+    per_seed = per_seed_means(results.domains)
+    stats = over_seeds(per_seed, ["method"], bounds_of(per_seed.columns))
     mean = stats.mean.reindex(results.methods)
     half = stats.half.reindex(results.methods).add_suffix("_ci")
     mean = mean.join(half)
@@ -275,7 +277,8 @@ def summary_metrics(results: Results, ood: OodTable) -> dict[str, dict[str, floa
 def sweep_stats(results: Results) -> Stats:
     """Accuracy under each sweep attack over seeds, index (method, train, attack, eps)."""
     runs = results.sweep.set_index([*RUN_KEYS, "attack", "eps"])[["accuracy", "accuracy_var"]]
-    return over_seeds(runs, ["method", "train_domain", "attack", "eps"], ["accuracy"]).map(
+    return over_seeds(runs, ["method", "train_domain", "attack", "eps"],
+                      {"accuracy": PERCENT}).map(
         lambda s: s["accuracy"])
 
 
@@ -454,7 +457,8 @@ def plot_attack_sweep(results: Results, path: Path) -> None:
 
 def plot_accuracy_bars(results: Results, path: Path) -> None:
     """In-domain vs OOD cAcc/aAcc per method, mean with its 95 % CI as error bars."""
-    stats = over_seeds(per_seed_means(results.domains), ["method"])
+    per_seed = per_seed_means(results.domains)
+    stats = over_seeds(per_seed, ["method"], bounds_of(per_seed.columns))
     mean = stats.mean
     metrics = [m for m in BAR_METRICS if m in mean.columns]
     fig = new_figure(max(6.0, 1.6 * len(results.methods) + 2.5), 4.6)

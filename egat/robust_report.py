@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from egat import io
+from egat.metrics.catalog import PERCENT
 from egat.stats import Stats, astuple_shallow, binomial_variance, over_seeds
 from egat.run.layout import ROBUST_FILE, cell_files
 
@@ -146,7 +147,8 @@ def add_aa_column(evals_dir: str | Path, table1: Stats) -> tuple[Stats, str]:
         return table1, ""
     df = df.assign(aa_var=binomial_variance(df["aa"], df["n"]))
     aa = over_seeds(df.set_index(["method", "train_domain", "seed"])[["aa", "aa_var"]],
-                    ["method", "train_domain"], ["aa"]).map(lambda s: s["aa"].unstack("train_domain"))
+                    ["method", "train_domain"], {"aa": PERCENT}).map(
+        lambda s: s["aa"].unstack("train_domain"))
     columns = [c for t in dict.fromkeys(table1.mean.columns.get_level_values(0))
                for c in [*[c for c in table1.mean.columns if c[0] == t], (t, "aa")]]
 

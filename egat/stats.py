@@ -6,6 +6,7 @@ Shared by egat/report.py (Tables I-IV, the figures) and egat/robust_report.py (t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -49,14 +50,15 @@ def astuple_shallow(stats: Stats) -> tuple:
     return tuple(getattr(stats, f.name) for f in fields(stats))
 
 
-def over_seeds(per_seed: pd.DataFrame, by: list[str], percent=()) -> Stats:
+def over_seeds(per_seed: pd.DataFrame, by: list[str],
+               bounds: Mapping[str, tuple[float, float]] | None = None) -> Stats:
     """Stats over the seed level of ``per_seed`` (one row per seed), grouped by ``by``.
 
     half = sqrt((t_{k-1} s / sqrt(k))^2 + (z var_test^0.5)^2): the seeds' t interval and the
     shared test set's normal interval in quadrature (docs/protocol.md); with one seed, the test
     set's alone. ``<column>_var`` columns hold the test-set variance of ``<column>``; metrics
-    without one (rank scores) get the seeds' term only. The columns named in ``percent`` are
-    percentages of images: their intervals are clipped to [0, 100].
+    without one (rank scores) get the seeds' term only. ``bounds`` maps a column to the values
+    its metric can take (a percentage's (0, 100)); its interval is clipped to them.
     """
     from scipy.stats import t as student_t
 
@@ -72,8 +74,9 @@ def over_seeds(per_seed: pd.DataFrame, by: list[str], percent=()) -> Stats:
     half = np.sqrt(seed_term**2 + test_term**2)
     floor = pd.DataFrame(np.nan, index=mean.index, columns=mean.columns)
     ceiling = floor.copy()
-    bounded = mean.columns.isin(list(percent))
-    floor.loc[:, bounded], ceiling.loc[:, bounded] = 0.0, 100.0
+    for column, (lowest, highest) in (bounds or {}).items():
+        if column in floor.columns:
+            floor[column], ceiling[column] = lowest, highest
     return Stats(mean, std, half, floor, ceiling)
 
 

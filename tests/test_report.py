@@ -204,20 +204,22 @@ def test_one_seed_interval_is_the_test_sets_alone():
     assert pd.isna(stats.std.loc["a", "cacc"])
 
 
-def test_a_percentages_interval_is_clipped_to_0_100_and_printed_as_clipped():
+def test_every_metrics_interval_is_clipped_to_its_range_and_printed_as_clipped():
     """99.5 % and 0.5 % of 100 images, one seed: half = 1.96 sqrt(0.4975) = 1.3825 would leave
-    [0, 100]; the percentage's interval is clipped, a signed score's (Comp) is not."""
-    from egat.report import format_cell
+    cAcc's [0, 100] and a Comp of -99.5 would leave its [-100, 100]; both are clipped to the
+    catalog's range, a Comp of 3.0 is not."""
+    from egat.report import bounds_of, format_cell
 
     per_seed = pd.DataFrame({"method": ["a", "b"], "seed": [0, 0], "cacc": [99.5, 0.5],
                              "cacc_var": [0.4975, 0.4975], "comp": [-99.5, 3.0],
                              "comp_var": [0.4975, 0.4975]}).set_index(["method", "seed"])
-    stats = over_seeds(per_seed, ["method"], percent=["cacc"])
+    assert bounds_of(per_seed.columns) == {"cacc": (0.0, 100.0), "comp": (-100.0, 100.0)}
+    stats = over_seeds(per_seed, ["method"], bounds_of(per_seed.columns))
     half = 1.959964 * 0.4975**0.5
     assert stats.half.loc["a", "cacc"] == pytest.approx(half)
     assert stats.high["cacc"].tolist() == [100.0, pytest.approx(0.5 + half)]
     assert stats.low["cacc"].tolist() == [pytest.approx(99.5 - half), 0.0]
-    assert stats.low.loc["a", "comp"] == pytest.approx(-99.5 - half)  # unbounded below
+    assert stats.low["comp"].tolist() == [-100.0, pytest.approx(3.0 - half)]
     assert format_cell(99.5, float("nan"), *stats.low.loc["a", ["cacc"]],
                        *stats.high.loc["a", ["cacc"]]) == "99.50 (98.12, 100.00)"
     picked = stats.map(lambda s: s.loc[["b"]])  # map keeps the bounds with their cells

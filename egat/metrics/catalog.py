@@ -28,6 +28,7 @@ class Metric:
         error: its test-set standard error: ``binomial`` (a percentage p of N images: p (100 - p)
             / N), ``per_image_sd`` (sd^2 / N from the ``<name>_sd`` that eval.json stores) or
             None (rank scores: no test-set term).
+        bounds: the values it can take; the report clips its confidence intervals to them.
     """
 
     name: str
@@ -35,29 +36,34 @@ class Metric:
     percent: bool
     images: Literal["all", "costly", "cue_mismatch", "cue_match"]
     error: Literal["binomial", "per_image_sd"] | None
+    bounds: tuple[float, float]
 
+
+PERCENT = (0.0, 100.0)  # a percentage of images
+FRACTION = (0.0, 1.0)
+DROP = (-100.0, 100.0)  # a mean change of the predicted class's probability, x100
+CORRELATION = (-1.0, 1.0)
 
 METRICS: tuple[Metric, ...] = (
-    Metric("cacc", "cAcc", True, "all", "binomial"),
-    Metric("aacc", "aAcc", True, "costly", "binomial"),
-    Metric("comp", "Comp", True, "costly", "per_image_sd"),
-    Metric("suff", "Suff", True, "costly", "per_image_sd"),
-    Metric("spearman", "Spearman", False, "costly", None),
-    Metric("top_intersection", "top-k overlap", False, "costly", None),
-    Metric("pointing_game", "pointing game", False, "costly", None),
-    Metric("mass_in_mask", "mass in mask", False, "costly", None),
-    Metric("object_erased_cacc", "cAcc, object erased", True, "all", "binomial"),
-    Metric("cue_free_cacc", "cue-free cAcc", True, "all", "binomial"),
-    Metric("cue_follow", "cue-follow rate", True, "cue_mismatch", "binomial"),
-    Metric("cacc_cue_match", "cAcc, cue matches", True, "cue_match", "binomial"),
-    Metric("cacc_cue_mismatch", "cAcc, cue misleads", True, "cue_mismatch", "binomial"),
+    Metric("cacc", "cAcc", True, "all", "binomial", PERCENT),
+    Metric("aacc", "aAcc", True, "costly", "binomial", PERCENT),
+    Metric("comp", "Comp", True, "costly", "per_image_sd", DROP),
+    Metric("suff", "Suff", True, "costly", "per_image_sd", DROP),
+    Metric("spearman", "Spearman", False, "costly", None, CORRELATION),
+    Metric("top_intersection", "top-k overlap", False, "costly", None, FRACTION),
+    Metric("pointing_game", "pointing game", False, "costly", None, FRACTION),
+    Metric("mass_in_mask", "mass in mask", False, "costly", None, FRACTION),
+    Metric("object_erased_cacc", "cAcc, object erased", True, "all", "binomial", PERCENT),
+    Metric("cue_free_cacc", "cue-free cAcc", True, "all", "binomial", PERCENT),
+    Metric("cue_follow", "cue-follow rate", True, "cue_mismatch", "binomial", PERCENT),
+    Metric("cacc_cue_match", "cAcc, cue matches", True, "cue_match", "binomial", PERCENT),
+    Metric("cacc_cue_mismatch", "cAcc, cue misleads", True, "cue_mismatch", "binomial", PERCENT),
 )
 
 METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS)
 TITLES: dict[str, str] = {m.name: m.title for m in METRICS}
 PERCENT_METRICS: frozenset[str] = frozenset(m.name for m in METRICS if m.percent)
-# Percentages of images (binomial error): their confidence intervals stay within [0, 100].
-PROPORTIONS: frozenset[str] = frozenset(m.name for m in METRICS if m.error == "binomial")
+BOUNDS: dict[str, tuple[float, float]] = {m.name: m.bounds for m in METRICS}
 
 
 def image_count(metric: Metric, domain: dict) -> int | None:
