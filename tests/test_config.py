@@ -49,6 +49,13 @@ def test_bad_params_name_the_key(raw, needle):
     assert "\n" not in str(err.value)
 
 
+def test_an_unknown_preset_is_the_only_error():
+    with pytest.raises(ParamsError) as err:
+        params_from_dict({"methods": {"egat": {"preset": "papr"}}}, source="params.yaml")
+    assert str(err.value) == ("params.yaml: invalid params: methods.egat.preset: Input should be "
+                              "'default', 'study_v2' or 'paper'")
+
+
 def test_overrides_and_missing_file(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text("train:\n  steps: 5\n")

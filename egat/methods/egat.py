@@ -57,11 +57,12 @@ class EGATConfig(MethodConfig):
     @classmethod
     def _fill_from_preset(cls, data):
         data = dict(data or {})
-        preset = PRESETS.get(data.get("preset", "default"))
-        if preset is not None:
-            for key, value in preset.items():
-                if data.get(key) is None:
-                    data[key] = value
+        # An unknown preset fails its Literal check; filling from the default keeps that the only
+        # error instead of five "should be a valid number" lines for the lambdas left null.
+        preset = PRESETS.get(data.get("preset", "default"), PRESETS["default"])
+        for key, value in preset.items():
+            if data.get(key) is None:
+                data[key] = value
         return data
 
 
