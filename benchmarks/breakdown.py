@@ -7,7 +7,8 @@ splits a training stage into its loop (the run's train_timing.json) and the rest
 import start-up, data loading, checkpoints, MLflow). The import start-up of a process that only
 trains or only evaluates is measured apart (median of 3 fresh interpreters), and evaluation is
 split into its parts (clean, counterfactual, PGD, Comp/Suff, explanations, sweep: each run's
-eval_timing.json, egat.evaluation.PartClock). ``--log`` re-reads the stamped log of an earlier run
+eval_timing.json, egat.evaluation.PartClock) and the robustness checks the evaluate stage runs
+after them (robust_timing.json). ``--log`` re-reads the stamped log of an earlier run
 instead of running DVC. Every later speed change is a ratio
 against this table (issue: throughput).
 
@@ -29,14 +30,15 @@ from pathlib import Path
 
 from egat import io
 from egat.evaluation import PartClock
-from egat.run.layout import EVAL_TIMING, TIMING, VARIANTS, cell_files
+from egat.run.layout import EVAL_TIMING, ROBUST_TIMING, TIMING, VARIANTS, cell_files
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 # What a stage process imports before it trains / evaluates (egat/stages.py's lazy imports).
 STARTUP_IMPORTS = {
     "train": "import egat.stages, egat.train.launch, egat.train.trainer, egat.data, "
              "egat.run.checkpoint",
-    "evaluate": "import egat.stages, egat.evaluation, egat.run.checkpoint, egat.run.device",
+    "evaluate": "import egat.stages, egat.evaluation, egat.robustness, egat.run.checkpoint, "
+                "egat.run.device",
 }
 
 
@@ -92,15 +94,23 @@ def eval_part_seconds(evals_root: Path) -> dict[str, float]:
     return dict(out)
 
 
-def eval_table(parts: dict[str, float], study_seconds: float) -> str:
-    """Evaluation time per part, as a share of all evaluation and of the whole study."""
-    total = parts.get("total", 0.0)
-    if not total:
+def robust_seconds(evals_root: Path) -> float:
+    """Seconds of the robustness checks (AutoAttack and the checklist) summed over every run."""
+    return sum(json.loads(cell.path.read_text())["total"]
+               for cell in cell_files(evals_root, ROBUST_TIMING))
+
+
+def eval_table(parts: dict[str, float], study_seconds: float, robust: float = 0.0) -> str:
+    """Evaluation time per part and of the robustness checks (which the evaluate stage runs
+    after the evaluation), as a share of all evaluation and of the whole study."""
+    if not parts.get("total", 0.0):
         return "No evaluation timing found (evals/**/eval_timing.json)."
+    total = parts["total"] + robust
     rows = ["| evaluation part | s | share of evaluation | share of the study |",
             "|---|---:|---:|---:|"]
     named = {part: parts.get(part, 0.0) for part in PartClock.PARTS}
-    named["data and bookkeeping"] = total - sum(named.values())
+    named["data and bookkeeping"] = parts["total"] - sum(named.values())
+    named["robustness (AutoAttack, checklist)"] = robust
     for part, seconds in (*named.items(), ("**all evaluation**", total)):
         rows.append(f"| {part} | {seconds:.0f} | {100 * seconds / total:.0f} % "
                     f"| {100 * seconds / (study_seconds or 1.0):.0f} % |")
@@ -164,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {log} records no 'Running stage' line: every stage was cached "
                          "(run `dvc repro --force` to time them)")
     text = table(stages, loop_seconds(args.runs), startup_seconds())
-    text += "\n\n" + eval_table(eval_part_seconds(args.evals), sum(stages.values()))
+    text += "\n\n" + eval_table(eval_part_seconds(args.evals), sum(stages.values()),
+                                 robust_seconds(args.evals))
     io.write_text(args.out.with_suffix(".md"), text + "\n")
     print(text)
 

@@ -172,7 +172,7 @@ def check_names(params: Params) -> None:
     check_name("tune.method", params.tune.method, methods)
     check_name("robust.transfer_from", params.robust.transfer_from, methods)
     check_name("robust.transfer_fallback", params.robust.transfer_fallback, methods)
-    for key in ("transfer_from", "transfer_fallback"):  # the robustness stage's runs
+    for key in ("transfer_from", "transfer_fallback"):  # the runs robustness check (d) reads
         if getattr(params.robust, key) not in params.study.methods:
             raise ValueError(
                 f"robust.{key}={getattr(params.robust, key)!r} is not in study.methods "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import warnings
@@ -137,15 +138,43 @@ def train_cell(config, overrides, method, variant, domain, seed) -> None:
 @CONFIG
 @OVERRIDES
 @_cell
-def evaluate_cell(config, overrides, method, variant, domain, seed) -> None:
-    """Stages `evaluate`/`variant_evaluate`: test one run on every domain, tracked in MLflow."""
+@click.option("--robustness", is_flag=True,
+              help="then AutoAttack and the masking checklist (robustness-cell) in the same "
+                   "process, as stage `evaluate` runs a method's cell")
+def evaluate_cell(config, overrides, method, variant, domain, seed, robustness) -> None:
+    """Stage `evaluate` (with --robustness) / `variant_evaluate`: test one run on every domain,
+    tracked in MLflow."""
     from egat import stages
     from egat.run.layout import evals_root
 
+    if robustness and variant is not None:
+        raise click.UsageError("--robustness takes a --method cell (robust.* checks the study's "
+                               "methods), not a --variant")
     params, method = _cell_params(_params(config, overrides), method, variant)
+    # One process per cell pays the stage start-up once (docs/results/v4_make_run_breakdown.md);
+    # the robustness request is checked before the evaluation leaves anything behind.
+    job = _robust_job(params, method, domain, seed) if robustness else None
     root = evals_root(variant is not None)
     metrics = stages.evaluate_run(params, method, domain, seed, name=variant, evals_root=root)
     click.echo(json.dumps(metrics["summary"], indent=1))
+    if job is not None:
+        _echo_robust(job.run())
+
+
+def _robust_job(params, method: str, domain: str, seed: int):
+    from egat.build import check_name
+    from egat.methods import method_registry
+    from egat.robustness import robust_job
+
+    try:
+        check_name("--method", method, method_registry.names())
+    except ValueError as exc:
+        raise EgatError(str(exc)) from None
+    return robust_job(params, method, domain, seed)
+
+
+def _echo_robust(result: dict) -> None:
+    click.echo(json.dumps({k: result[k] for k in ("n", "clean", "aa", "failed", "seconds")}, indent=1))
 
 
 @cli.command("robustness-cell")
@@ -155,19 +184,10 @@ def evaluate_cell(config, overrides, method, variant, domain, seed) -> None:
 @click.option("--domain", required=True, help="the training domain")
 @click.option("--seed", required=True, type=int)
 def robustness_cell(config, overrides, method, domain, seed) -> None:
-    """Stage `robustness`: AutoAttack and the gradient-masking checklist on one run (the params'
-    `robust` group), tracked in MLflow; writes evals/<method>/<domain>/seed<seed>/robust.json."""
-    from egat.build import check_name
-    from egat.methods import method_registry
-    from egat.robustness import robust_run
-
-    params = _params(config, overrides)
-    try:
-        check_name("--method", method, method_registry.names())
-    except ValueError as exc:
-        raise EgatError(str(exc)) from None
-    result = robust_run(params, method, domain, seed)
-    click.echo(json.dumps({k: result[k] for k in ("n", "clean", "aa", "failed", "seconds")}, indent=1))
+    """AutoAttack and the gradient-masking checklist on one run (the params' `robust` group),
+    tracked in MLflow; writes evals/<method>/<domain>/seed<seed>/robust.json. Stage `evaluate`
+    runs it after the evaluation (evaluate-cell --robustness)."""
+    _echo_robust(_robust_job(_params(config, overrides), method, domain, seed).run())
 
 
 @cli.command()
@@ -266,9 +286,14 @@ def _one_line_warnings(show):
 
 
 def main(argv: list[str] | None = None) -> None:
-    with warnings.catch_warnings():  # restores warnings.showwarning on the way out
-        warnings.showwarning = _one_line_warnings(warnings.showwarning)
-        _main(argv)
+    try:
+        with warnings.catch_warnings():  # restores warnings.showwarning on the way out
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            _main(argv)
+    finally:
+        # Exempt what the process built from the collections of interpreter shutdown: with torch
+        # and MLflow loaded they took 1.2-2 s of every stage process (benchmarks/breakdown.py).
+        gc.freeze()
 
 
 def _main(argv: list[str] | None) -> None:

@@ -438,7 +438,8 @@ class RobustAttackParams(AttackParams):
 
 
 class RobustParams(Strict):
-    """The `robustness` stage: AutoAttack and the masking checklist on one trained run."""
+    """AutoAttack and the masking checklist on one trained run (stage `evaluate`, after the
+    evaluation)."""
 
     # a stratified (equal per class), seeded subset of the in-domain test split, or "all"
     subset: int | str = 20

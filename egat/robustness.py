@@ -23,10 +23,12 @@ Writes ``evals/<method>/<domain>/seed<k>/robust.json``.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from egat import io
@@ -38,7 +40,7 @@ from egat.data.subsets import stratified_indices
 from egat.errors import EgatError
 from egat.metrics import iterate_batches
 from egat.models.mode import model_mode
-from egat.run.layout import BEST, EVALS, robust_path, run_dir
+from egat.run.layout import BEST, EVALS, ROBUST_TIMING, robust_path, run_dir
 from egat.seeding import seeded_scope
 
 # (e): the loss "rises" at the scan's end when it exceeds the clean loss by this factor plus
@@ -182,19 +184,61 @@ def transfer_source(params: Params, method: str) -> str:
     return rb.transfer_fallback if method == rb.transfer_from else rb.transfer_from
 
 
-def robust_run(params: Params, method: str, domain: str, seed: int,
-               evals_root: str | Path = EVALS) -> dict:
-    """Stage `robustness`: AutoAttack and the checklist on one cell's best checkpoint, tracked in
-    MLflow; writes <evals_root>/<method>/<domain>/seed<seed>/robust.json (without the seconds,
-    which are logged to MLflow, so the file is the same in every run)."""
+@dataclass
+class RobustJob:
+    """One robustness cell whose request passed every check (:func:`robust_job`): its models and
+    subset are loaded, nothing is written yet."""
+
+    cell: Params
+    method: str
+    domain: str
+    seed: int
+    source: str  # the run check (d) transfers from
+    model: nn.Module
+    source_model: nn.Module
+    loader: DataLoader
+
+    def run(self, evals_root: str | Path = EVALS) -> dict:
+        """AutoAttack and the checklist, tracked in MLflow; writes
+        <evals_root>/<method>/<domain>/seed<seed>/robust.json (without the seconds, so the file
+        is the same in every run; they go to MLflow and robust_timing.json beside it)."""
+        from egat.run.device import resolve_device
+        from egat.stages import _logged_params, _tags
+        from egat.tracking.mlflow_tracker import MlflowTracker
+
+        cell, method, domain, seed = self.cell, self.method, self.domain, self.seed
+        device = resolve_device(cell)
+        key = f"robustness/{method}/{domain}/seed{seed}"
+        tags = {**_tags(cell, "robustness", method, domain, seed), "run": method,
+                "transfer_from": self.source}
+        with MlflowTracker(key, tags, _logged_params(cell, method)) as tracker:
+            result = robust_metrics(self.model.to(device), cell, self.loader, device,
+                                    self.source_model.to(device))
+            seconds = result.pop("seconds")
+            result.update(method=method, seed=seed, train_domain=domain, transfer_from=self.source)
+            path = robust_path(method, domain, seed, evals_root)
+            io.write_json(path, result)
+            io.write_json(path.with_name(ROBUST_TIMING),
+                          {**seconds, "total": sum(seconds.values())})
+            tracker.log_metrics({"robust/clean": result["clean"], "robust/aa": result["aa"],
+                                 **{f"robust/check_{k}": float(c["passed"])
+                                    for k, c in result["checks"].items()},
+                                 **{f"robust/seconds/{k.replace('@', '_eps')}": v
+                                    for k, v in seconds.items()},
+                                 "robust/seconds/total": sum(seconds.values())}, step=0)
+            tracker.log_artifact(path)
+        return {**result, "seconds": seconds}
+
+
+def robust_job(params: Params, method: str, domain: str, seed: int) -> RobustJob:
+    """Check a robustness request on one cell's best checkpoint and load what it needs: everything
+    a refused request could trip on fails here, before any MLflow run or file (the evaluate stage
+    checks this before it evaluates)."""
     from egat.run.checkpoint import model_from_checkpoint
-    from egat.run.device import resolve_device
-    from egat.stages import _logged_params, _tags, run_params
-    from egat.tracking.mlflow_tracker import MlflowTracker
+    from egat.stages import run_params
 
     cell = run_params(params, method, domain, seed)
     source = transfer_source(cell, method)
-    # everything a refused request could trip on is checked before the MLflow run starts
     model, _, ckpt = model_from_checkpoint(run_dir(params, method, domain, seed) / BEST)
     attack = cell.robust.attack
     if "apgdt" in {attack.name, *(attack.ensemble if attack.name == "autoattack" else [])} \
@@ -210,22 +254,10 @@ def robust_run(params: Params, method: str, domain: str, seed: int,
             f"{str(source_ckpt)!r} does not exist; train it or set robust.transfer_from"
         )
     source_model, _, _ = model_from_checkpoint(source_ckpt)
-    loader = _loader(cell, domain)
-    device = resolve_device(cell)
-    key = f"robustness/{method}/{domain}/seed{seed}"
-    tags = {**_tags(cell, "robustness", method, domain, seed), "run": method,
-            "transfer_from": source}
-    with MlflowTracker(key, tags, _logged_params(cell, method)) as tracker:
-        result = robust_metrics(model.to(device), cell, loader, device, source_model.to(device))
-        seconds = result.pop("seconds")
-        result.update(method=method, seed=seed, train_domain=domain, transfer_from=source)
-        path = robust_path(method, domain, seed, evals_root)
-        io.write_json(path, result)
-        tracker.log_metrics({"robust/clean": result["clean"], "robust/aa": result["aa"],
-                             **{f"robust/check_{k}": float(c["passed"])
-                                for k, c in result["checks"].items()},
-                             **{f"robust/seconds/{k.replace('@', '_eps')}": v
-                                for k, v in seconds.items()},
-                             "robust/seconds/total": sum(seconds.values())}, step=0)
-        tracker.log_artifact(path)
-    return {**result, "seconds": seconds}
+    return RobustJob(cell, method, domain, seed, source, model, source_model, _loader(cell, domain))
+
+
+def robust_run(params: Params, method: str, domain: str, seed: int,
+               evals_root: str | Path = EVALS) -> dict:
+    """AutoAttack and the checklist on one cell (:func:`robust_job`, then :meth:`RobustJob.run`)."""
+    return robust_job(params, method, domain, seed).run(evals_root)

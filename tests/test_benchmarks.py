@@ -134,7 +134,7 @@ def test_breakdown_charges_each_stage_until_the_next_and_splits_the_training_loo
 
 
 def test_breakdown_splits_evaluation_into_its_parts(tmp_path):
-    from benchmarks.breakdown import eval_part_seconds, eval_table
+    from benchmarks.breakdown import eval_part_seconds, eval_table, robust_seconds
 
     for rel, pgd in (("erm/grass/seed0", 2.0), ("variants/oracle/grass/seed0", 4.0)):
         (tmp_path / rel).mkdir(parents=True)
@@ -146,7 +146,13 @@ def test_breakdown_splits_evaluation_into_its_parts(tmp_path):
     assert "| pgd | 6 | 33 % | 17 % |" in text
     assert "| data and bookkeeping | 4 | 22 % | 11 % |" in text  # 18 - (2 + 6 + 6)
     assert "| **all evaluation** | 18 | 100 % | 50 % |" in text
+    assert "| robustness (AutoAttack, checklist) | 0 | 0 % | 0 % |" in text
     assert "No evaluation timing" in eval_table({}, 10.0)
+    # the evaluate stage's robustness checks count as evaluation
+    (tmp_path / "erm/grass/seed0/robust_timing.json").write_text('{"aa": 4.0, "total": 6.0}')
+    text = eval_table(parts, 36.0, robust_seconds(tmp_path))
+    assert "| robustness (AutoAttack, checklist) | 6 | 25 % | 17 % |" in text
+    assert "| **all evaluation** | 24 | 100 % | 67 % |" in text
 
 
 def test_breakdown_refuses_a_log_without_stages(tmp_path):

@@ -1,5 +1,6 @@
-"""The robustness stage: stratified subsets, the gradient-masking checklist on a plain and a
-deliberately masked model, the stage's outputs and its bad-input errors."""
+"""Robust evaluation (stage `evaluate`, egat/robustness.py): stratified subsets, the
+gradient-masking checklist on a plain and a deliberately masked model, the stage's outputs and
+its bad-input errors."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 from egat.build import params_from_dict
 from egat.errors import EgatError, ParamsError
 from egat.robustness import robust_metrics, robust_run, stratified_subset
-from egat.run.layout import robust_path, run_dir
+from egat.run.layout import eval_path, robust_path, run_dir
 from tests.test_autoattack import EPS, linear_problem
 
 # the checklist at test scale: cheap attacks, one large eps for (a)
@@ -181,13 +182,15 @@ def test_the_stage_writes_robust_json_and_logs_to_mlflow(cell, monkeypatch):
     assert len(runs) == 1 and "metrics.robust/aa" in runs
 
 
+@pytest.mark.parametrize("command", [["robustness-cell"], ["evaluate-cell", "--robustness"]])
 @pytest.mark.parametrize("overrides, needle", [
     ({"subset": 7}, "robust.subset=7: must lie in 1..6"),
     ({"transfer_from": "egat"}, "robust.transfer_from: check (d) needs egat's run of d1/seed0"),
     ({"attack": {"ensemble": ["apgd", "apgdt"]}}, "robust.attack: apgdt (targeted DLR) needs >= 4"),
 ])
-def test_the_stage_refuses_bad_requests_before_any_side_effect(cell, overrides, needle, capsys,
-                                                               monkeypatch):
+def test_the_stage_refuses_bad_requests_before_any_side_effect(cell, command, overrides, needle,
+                                                               capsys, monkeypatch):
+    # evaluate-cell --robustness (stage `evaluate`) checks them before it evaluates
     import yaml
 
     from egat.cli import main
@@ -200,9 +203,20 @@ def test_the_stage_refuses_bad_requests_before_any_side_effect(cell, overrides, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'refused.db'}")
     monkeypatch.chdir(root)
     with pytest.raises(SystemExit) as exit_:
-        main(["robustness-cell", "--config", str(config), "--method", "erm", "--domain", "d1",
+        main([*command, "--config", str(config), "--method", "erm", "--domain", "d1",
               "--seed", "0"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
     assert needle in lines[0]
     assert not (root / "refused.db").exists() and not robust_path("erm", "d1", 0).exists()
+    assert not eval_path("erm", "d1", 0).exists()
+
+
+def test_robustness_is_refused_for_a_studies_variant(capsys):
+    from egat.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate-cell", "--variant", "oracle", "--domain", "grass", "--seed", "0",
+              "--robustness"])
+    assert exit_.value.code == 2
+    assert "--robustness takes a --method cell" in capsys.readouterr().err

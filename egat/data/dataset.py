@@ -9,8 +9,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from egat.data.folder import decode_rgb
 from egat.data.guides import (
@@ -136,6 +134,11 @@ class _Augment:
     background tint is part of what the benchmarks test)."""
 
     def __init__(self, size: int):
+        # torchvision only when augmenting (egat/models/zoo.py says what the import costs)
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+
+        self.tv_tensors = tv_tensors
         self.geometric = v2.Compose([
             v2.RandomResizedCrop((size, size), scale=(0.7, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
@@ -144,9 +147,10 @@ class _Augment:
 
     def __call__(self, image, gray, mask):
         # Only the maps present are passed, so that one sampled crop/flip applies to all of them.
-        maps = [tv_tensors.Image(image)]
-        maps += [tv_tensors.Image(gray)] if gray is not None else []
-        maps += [tv_tensors.Mask(mask)] if mask is not None else []
+        tv = self.tv_tensors
+        maps = [tv.Image(image)]
+        maps += [tv.Image(gray)] if gray is not None else []
+        maps += [tv.Mask(mask)] if mask is not None else []
         out = [m.as_subclass(torch.Tensor) for m in self.geometric(tuple(maps))]
         image = self.colour(out.pop(0)).clamp_(0, 1)
         gray = out.pop(0).clamp_(0, 1) if gray is not None else None

@@ -22,7 +22,6 @@ from typing import Iterable, Literal, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms.functional import gaussian_blur
 
 from egat.metrics.accuracy import correct
 from egat.metrics.stream import accumulate
@@ -58,6 +57,9 @@ def blur_baseline(images: torch.Tensor, sigma: float | None = None) -> torch.Ten
     ``sigma`` defaults to min(H, W) / 16 pixels (2 px at 32 px, 14 px at 224 px: the same blur
     relative to the image); the kernel spans +-3 sigma, size 2 * ceil(3 sigma) + 1.
     """
+    # torchvision only for this baseline (egat/models/zoo.py says what the import costs)
+    from torchvision.transforms.functional import gaussian_blur
+
     if sigma is None:
         sigma = min(images.shape[-2:]) / 16
     kernel = 2 * math.ceil(3 * sigma) + 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-from scipy.stats import ConstantInputWarning, pearsonr, rankdata
 
 from egat.metrics.faithfulness import descending_ranks, top_count
 
@@ -22,6 +21,9 @@ def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     NaN where a row is constant (the correlation is undefined there, e.g. an all-zero map).
     """
+    # scipy here, not at module level: a training process imports this package and never ranks
+    from scipy.stats import ConstantInputWarning, pearsonr, rankdata
+
     ranks_a = rankdata(a.detach().cpu().double().numpy(), axis=1)
     ranks_b = rankdata(b.detach().cpu().double().numpy(), axis=1)
     with warnings.catch_warnings():

@@ -2,7 +2,8 @@
 
 ``<train.out_dir>/<name>/<domain>/seed<k>/`` holds a training run (:data:`RUN_FILES`);
 ``evals/<name>/<domain>/seed<k>/`` its evaluation (:data:`EVAL_FILE`, :data:`ROBUST_FILE`, and
-the wall clock per evaluation part, :data:`EVAL_TIMING`, kept apart from the reproducible metrics).
+the wall clock per part of each, :data:`EVAL_TIMING` and :data:`ROBUST_TIMING`, kept apart from the
+reproducible metrics).
 Variants of the studies (and the oracle ceiling) live one level down, under :data:`VARIANTS`.
 """
 
@@ -27,6 +28,7 @@ EVALS = "evals"
 EVAL_FILE = "eval.json"
 EVAL_TIMING = "eval_timing.json"
 ROBUST_FILE = "robust.json"
+ROBUST_TIMING = "robust_timing.json"
 
 
 @dataclass(frozen=True)
