@@ -292,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
             _main(argv)
     finally:
         # Exempt what the process built from the collections of interpreter shutdown: with torch
-        # and MLflow loaded they took 1.2-2 s of every stage process (benchmarks/breakdown.py).
+        # and MLflow loaded they took 1.2-2 s of every stage process
+        # (docs/results/v4_make_run_breakdown.md).
         gc.freeze()
 
 

@@ -215,17 +215,17 @@ class RobustJob:
             result = robust_metrics(self.model.to(device), cell, self.loader, device,
                                     self.source_model.to(device))
             seconds = result.pop("seconds")
+            total = sum(seconds.values())
             result.update(method=method, seed=seed, train_domain=domain, transfer_from=self.source)
             path = robust_path(method, domain, seed, evals_root)
             io.write_json(path, result)
-            io.write_json(path.with_name(ROBUST_TIMING),
-                          {**seconds, "total": sum(seconds.values())})
+            io.write_json(path.with_name(ROBUST_TIMING), {**seconds, "total": total})
             tracker.log_metrics({"robust/clean": result["clean"], "robust/aa": result["aa"],
                                  **{f"robust/check_{k}": float(c["passed"])
                                     for k, c in result["checks"].items()},
                                  **{f"robust/seconds/{k.replace('@', '_eps')}": v
                                     for k, v in seconds.items()},
-                                 "robust/seconds/total": sum(seconds.values())}, step=0)
+                                 "robust/seconds/total": total}, step=0)
             tracker.log_artifact(path)
         return {**result, "seconds": seconds}
 

@@ -13,7 +13,7 @@ from torch import nn
 from egat.build import params_from_dict
 from egat.errors import EgatError, ParamsError
 from egat.robustness import robust_metrics, robust_run, stratified_subset
-from egat.run.layout import eval_path, robust_path, run_dir
+from egat.run.layout import ROBUST_TIMING, eval_path, robust_path, run_dir
 from tests.test_autoattack import EPS, linear_problem
 
 # the checklist at test scale: cheap attacks, one large eps for (a)
@@ -177,6 +177,10 @@ def test_the_stage_writes_robust_json_and_logs_to_mlflow(cell, monkeypatch):
     assert saved["n"] == 3 and saved["transfer_from"] == "erm" and "seconds" not in saved
     assert set(saved["checks"]) == {"a", "b", "c", "d", "e"}
     assert saved["aa"] == result["aa"] and result["seconds"]["aa"] > 0
+    # the seconds go beside it (benchmarks/breakdown.py reads them)
+    timing = json.loads(robust_path("pgd_at", "d1", 0, root / "evals").with_name(
+        ROBUST_TIMING).read_text())
+    assert timing["total"] == pytest.approx(sum(result["seconds"].values()))
     runs = mlflow.search_runs(search_all_experiments=True,
                               filter_string="tags.egat_key = 'robustness/pgd_at/d1/seed0'")
     assert len(runs) == 1 and "metrics.robust/aa" in runs
