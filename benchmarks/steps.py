@@ -2,7 +2,7 @@
 and the step with the real data loader relative to the same step on in-memory tensors.
 
 One full step = method.loss + zero_grad + backward + Adam step, each method on its own copy of
-one initialisation, params.yaml's training attack (the study's PGD-3; `--set attack.steps=10`
+one initialisation, params.yaml's training attack (the study's PGD-2; `--set attack.steps=10`
 for the paper's).
 """
 

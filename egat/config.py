@@ -227,12 +227,12 @@ class AttackParams(Strict):
 
 
 class TrainingAttackParams(AttackParams):
-    """``attack``, the training-time attack of adversarial methods: the study's CPU preset PGD-3
+    """``attack``, the training-time attack of adversarial methods: the study's CPU preset PGD-2
     with Madry's step 2.5 eps / steps (the paper's PGD-10 is ``steps: 10, alpha: 2/255``, as
-    ``eval.attack``); keys given without these keep them."""
+    ``eval.attack``; docs/results/v5_cpu_attack_check.md); keys given without these keep them."""
 
-    alpha: float = Field(0.0261, ge=0, le=1)  # 2.5 * (8/255) / 3, rounded as the study runs it
-    steps: int = Field(3, ge=1)
+    alpha: float = Field(0.0392, ge=0, le=1)  # 2.5 * (8/255) / 2, rounded as the study runs it
+    steps: int = Field(2, ge=1)
 
 
 class SmoothGradParams(Strict):
@@ -391,6 +391,10 @@ class EvalParams(Strict):
     # Of those, the images the attack- and explanation-based metrics (aAcc, Comp/Suff, stability,
     # alignment) run on: a stratified subset; 0 = all. Forward-only metrics use every image.
     costly_examples: int = Field(200, ge=0)
+    # ... per test domain outside the training domains; null = costly_examples. Their metrics are
+    # means over those domains, so 100 each puts 300 images behind an OOD mean on the embedded
+    # benchmark, more than the 200 behind an in-domain cell (docs/results/v5_make_run_breakdown.md).
+    ood_costly_examples: int | None = Field(100, ge=0)
     attack: AttackParams = AttackParams()
     sweep: SweepParams = SweepParams()
     faithfulness: FaithfulnessParams = FaithfulnessParams()
@@ -405,8 +409,9 @@ class ChecklistParams(Strict):
     eps: list[float] = [2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255, 64 / 255]
     max_final_acc: float = Field(1.0, ge=0, le=100)
     # (b) PGD with steps_factor x eval.attack.steps and `restarts` restarts vs eval.attack itself
+    # (CPU budget: 2 restarts; 5 cost the study ~40 s more, docs/results/v5_make_run_breakdown.md)
     steps_factor: int = Field(10, ge=1)
-    restarts: int = Field(5, ge=1)
+    restarts: int = Field(2, ge=1)
     # (e) cross-entropy at scan_points evenly spaced steps t * robust.attack.eps * sign(grad), t in
     # [0, 1]: the check passes when the loss rises on at least min_rising of the images
     scan_points: int = Field(9, ge=2)

@@ -208,15 +208,19 @@ def attack_sweep(model: Classifier, params: Params, loader, device) -> dict[str,
     return result
 
 
-def costly_ids(loader: DataLoader, params: Params) -> torch.Tensor:
+def costly_ids(loader: DataLoader, params: Params, in_domain: bool = True) -> torch.Tensor:
     """The ``index`` of the images the costly metrics run on: a stratified subset of
-    ``eval.costly_examples`` of the loader's images (0 = all)."""
+    ``eval.costly_examples`` of the loader's images, or of ``eval.ood_costly_examples`` where the
+    loader holds a test domain outside the training domains (0 = all)."""
+    ev = params.eval
+    count = ev.costly_examples if in_domain or ev.ood_costly_examples is None \
+        else ev.ood_costly_examples
     ds, rows = loader.dataset, None
     if isinstance(ds, torch.utils.data.Subset):
         ds, rows = ds.dataset, torch.as_tensor(ds.indices)
     labels = ds.labels if rows is None else ds.labels[rows]
     indices = ds.indices if rows is None else ds.indices[rows]
-    chosen = stratified_indices(labels, params.eval.costly_examples, params.data.split_seed)
+    chosen = stratified_indices(labels, count, params.data.split_seed)
     return indices[torch.from_numpy(chosen)]
 
 
@@ -244,9 +248,10 @@ def _evaluate_model(model: Classifier, params: Params, train_domains: list[str],
     for domain in tqdm(splits["domains"], desc="evaluate", unit="domain", disable=not params.train.progress):
         loader = _loader(params, splits, [domain], n)
         cue_free = _loader(params, splits, [domain], n, "cue_free") if has_cue_free else None
+        in_domain = domain in train_domains
         metrics = evaluate_domain(model, params, loader, device, cue_free,
-                                  costly_ids(loader, params), clock=clock)
-        metrics["in_domain"] = domain in train_domains
+                                  costly_ids(loader, params, in_domain), clock=clock)
+        metrics["in_domain"] = in_domain
         per_domain[domain] = metrics
     sweep_loader = _loader(params, splits, train_domains, params.eval.sweep.max_examples)
     with clock.part("sweep"):

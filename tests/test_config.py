@@ -138,7 +138,7 @@ def test_a_value_that_differs_from_the_code_default_is_named(tmp_path):
 def test_silent_keys_keep_the_study_values():
     p = params_from_dict({"attack": {"name": "fgsm_rs"}, "robust": {"attack": {"steps": 20}},
                           "methods": {"egat": {"lambda_adv": 2}}})
-    assert (p.attack.steps, p.attack.alpha, p.eval.attack.steps) == (3, 0.0261, 10)
+    assert (p.attack.steps, p.attack.alpha, p.eval.attack.steps) == (2, 0.0392, 10)
     assert (p.robust.attack.name, p.robust.attack.targets, p.robust.attack.queries) == (
         "autoattack", 3, 200)
     assert method_hparams(p, "egat").lambda_egl == 3.372

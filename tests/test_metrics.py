@@ -566,3 +566,33 @@ def test_evaluate_domain_writes_the_catalog_metrics_and_their_counts():
         assert out[name] * count / 100 == pytest.approx(round(out[name] * count / 100))
     assert 0 <= out["pointing_game"] <= 1 and -1 <= out["spearman"] <= 1
 
+
+
+class _Split(torch.utils.data.Dataset):
+    """The two attributes :func:`costly_ids` reads from a test split: labels and image indices."""
+
+    def __init__(self, labels: list[int]):
+        self.labels = torch.tensor(labels)
+        self.indices = torch.arange(100, 100 + len(labels))  # not 0..n-1: ids, not positions
+
+    def __len__(self):
+        return len(self.labels)
+
+
+@pytest.mark.parametrize("in_domain, ood, expected", [
+    (True, 4, 6), (False, 4, 4), (False, None, 6), (False, 0, 12),
+])
+def test_costly_ids_take_a_stratified_subset_sized_by_domain_group(in_domain, ood, expected):
+    """eval.costly_examples in domain, eval.ood_costly_examples (null: the same, 0: all) out of
+    domain; every class keeps its share."""
+    from egat.evaluation import costly_ids
+
+    split = _Split([0, 1, 2, 3] * 3)
+    params = params_from_dict({"eval": {"costly_examples": 6, "ood_costly_examples": ood}})
+    loader = torch.utils.data.DataLoader(split)
+    chosen = costly_ids(loader, params, in_domain)
+    assert len(chosen) == len(set(chosen.tolist())) == expected
+    labels = split.labels[chosen - 100]
+    counts = torch.bincount(labels, minlength=4)
+    assert int(counts.max() - counts.min()) <= 1 and (expected < 4 or bool((counts > 0).all()))
+    assert torch.equal(chosen, costly_ids(loader, params, in_domain))  # seeded
