@@ -9,6 +9,8 @@ Sections (``--only`` picks some):
              within 1e-6
   comp/suff  Comp/Suff throughput (images/s) for every k bin of eval.faithfulness.ks
   data       train.method's step with the real loader vs on in-memory tensors (overhead <= 5%)
+  train-attack  PGD-AT's and EGAT's step with PGD-3, PGD-2 and FGSM-RS relative to PGD-10 (the
+             CPU preset's choice, docs/results/v5_cpu_attack_check.md)
 
 The machine is shared and noisy: timings are medians of round-robin repeats of this process's CPU
 time (``--clock cpu``, one thread by default; ``--clock wall`` on a quiet machine), and only ratios
@@ -41,7 +43,7 @@ from egat.build import load_params
 from egat.errors import EgatError
 from egat.models import build_model
 
-SECTIONS = ("step", "gradcam", "attacks", "comp/suff", "data")
+SECTIONS = ("step", "gradcam", "attacks", "comp/suff", "data", "train-attack")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     from benchmarks.attacks import attack_rows
     from benchmarks.explain import gradcam_rows
     from benchmarks.faithfulness import throughput_rows
-    from benchmarks.steps import loader_step, method_steps, synthetic_batch
+    from benchmarks.steps import loader_step, method_steps, synthetic_batch, training_attack_steps
 
     torch.set_num_threads(args.threads)
     timing.use_clock(args.clock)
@@ -95,6 +97,8 @@ def run(args: argparse.Namespace) -> list[Row]:
             rows += throughput_rows(model, x, faith.ks, faith.baseline, r, w)
         elif section == "data":
             rows += loader_step(params, r, w)
+        elif section == "train-attack":
+            rows += training_attack_steps(params, batch, r, w)
     return rows
 
 

@@ -80,6 +80,34 @@ def method_steps(params: Params, names: list[str] | None, batch: dict, repeats: 
     return rows
 
 
+# The training attacks the CPU preset was chosen among (docs/results/v5_cpu_attack_check.md): each
+# an `attack` group override; the paper's PGD-10 is the reference.
+TRAINING_ATTACKS = {
+    "PGD-10": {"name": "pgd", "steps": 10, "alpha": 2 / 255},
+    "PGD-3": {"name": "pgd", "steps": 3, "alpha": 0.0261},
+    "PGD-2": {"name": "pgd", "steps": 2, "alpha": 0.0392},
+    "FGSM-RS": {"name": "fgsm_rs"},
+}
+
+
+def training_attack_steps(params: Params, batch: dict, repeats: int, warmup: int,
+                          methods: tuple[str, ...] = ("pgd_at", "egat")) -> list[Row]:
+    """Each method's step with each of :data:`TRAINING_ATTACKS` relative to its step with PGD-10,
+    interleaved, one initialisation."""
+    base = build_model(params.model.name, 10, channels_last=params.model.channels_last).train()
+    steps = {}
+    for label, override in TRAINING_ATTACKS.items():
+        cell = params.model_copy(update={"attack": params.attack.model_copy(update=override)})
+        for name in methods:
+            model = copy.deepcopy(base)
+            steps[f"{name} {label}"] = make_step(model, build_method(model, cell, name),
+                                                 lambda: batch)
+    timings = round_robin(steps, repeats, warmup)
+    return [Row("train-attack", key, timings.median(key) * 1e3, "ms/step",
+                f"{key.split()[0]} PGD-10").with_spread(
+                    timings.ratio(key, f"{key.split()[0]} PGD-10")) for key in steps]
+
+
 def loader_step(params: Params, repeats: int, warmup: int) -> list[Row]:
     """``train.method``'s step fed by the Trainer's DataLoader (prepared images, precomputed
     guides) vs the same step on the same batches held in memory."""

@@ -164,3 +164,14 @@ def test_breakdown_refuses_a_log_without_stages(tmp_path):
         main(["--log", str(log), "--out", str(tmp_path / "b")])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["--log", str(tmp_path / "none.log")])
+
+
+def test_training_attack_section_times_each_attack_against_pgd10(tmp_path):
+    out = tmp_path / "bench"
+    assert main([*TINY, "--only", "train-attack", "--out", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert set(rows) == {f"{m} {a}" for m in ("pgd_at", "egat")
+                         for a in ("PGD-10", "PGD-3", "PGD-2", "FGSM-RS")}
+    for name, row in rows.items():
+        assert row["versus"] == f"{name.split()[0]} PGD-10" and row["value"] > 0
+    assert rows["egat PGD-10"]["ratio"] == rows["pgd_at PGD-10"]["ratio"] == 1.0
