@@ -471,8 +471,8 @@ class StudyParams(Strict):
     """The DVC train/evaluate matrix: methods x training domains x seeds."""
 
     # The embedded default is the smallest study that answers "does EGAT beat the baselines":
-    # the floor (ERM), the robust baseline (PGD-AT) and EGAT: 24 minutes on 2 cores
-    # (docs/results/v4_make_run_breakdown.md). The whole comparison, every baseline (63 minutes; ign left out, 30x an ERM
+    # the floor (ERM), the robust baseline (PGD-AT) and EGAT: ~21 minutes on 2 cores
+    # (docs/results/v5_make_run_breakdown.md). The whole comparison, every baseline (63 minutes; ign left out, 30x an ERM
     # step): README, "The full study".
     methods: list[str] = ["erm", "pgd_at", "egat"]
     train_domains: list[str] = ["grass"]
