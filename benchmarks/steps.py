@@ -95,17 +95,17 @@ def training_attack_steps(params: Params, batch: dict, repeats: int, warmup: int
     """Each method's step with each of :data:`TRAINING_ATTACKS` relative to its step with PGD-10,
     interleaved, one initialisation."""
     base = build_model(params.model.name, 10, channels_last=params.model.channels_last).train()
-    steps = {}
+    steps, reference = {}, {}
     for label, override in TRAINING_ATTACKS.items():
         cell = params.model_copy(update={"attack": params.attack.model_copy(update=override)})
         for name in methods:
             model = copy.deepcopy(base)
-            steps[f"{name} {label}"] = make_step(model, build_method(model, cell, name),
-                                                 lambda: batch)
+            key = f"{name} {label}"
+            steps[key] = make_step(model, build_method(model, cell, name), lambda: batch)
+            reference[key] = f"{name} PGD-10"
     timings = round_robin(steps, repeats, warmup)
-    return [Row("train-attack", key, timings.median(key) * 1e3, "ms/step",
-                f"{key.split()[0]} PGD-10").with_spread(
-                    timings.ratio(key, f"{key.split()[0]} PGD-10")) for key in steps]
+    return [Row("train-attack", key, timings.median(key) * 1e3, "ms/step", versus).with_spread(
+        timings.ratio(key, versus)) for key, versus in reference.items()]
 
 
 def loader_step(params: Params, repeats: int, warmup: int) -> list[Row]:

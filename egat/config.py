@@ -409,7 +409,8 @@ class ChecklistParams(Strict):
     eps: list[float] = [2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255, 64 / 255]
     max_final_acc: float = Field(1.0, ge=0, le=100)
     # (b) PGD with steps_factor x eval.attack.steps and `restarts` restarts vs eval.attack itself
-    # (CPU budget: 2 restarts; 5 cost the study ~40 s more, docs/results/v5_make_run_breakdown.md)
+    # (CPU budget: 2 restarts; PGD-100 x 5 took 11-15 s of a 20-25 s cell,
+    # docs/results/v5_cpu_attack_check.md)
     steps_factor: int = Field(10, ge=1)
     restarts: int = Field(2, ge=1)
     # (e) cross-entropy at scan_points evenly spaced steps t * robust.attack.eps * sign(grad), t in

@@ -208,7 +208,7 @@ def attack_sweep(model: Classifier, params: Params, loader, device) -> dict[str,
     return result
 
 
-def costly_ids(loader: DataLoader, params: Params, in_domain: bool = True) -> torch.Tensor:
+def costly_ids(loader: DataLoader, params: Params, in_domain: bool) -> torch.Tensor:
     """The ``index`` of the images the costly metrics run on: a stratified subset of
     ``eval.costly_examples`` of the loader's images, or of ``eval.ood_costly_examples`` where the
     loader holds a test domain outside the training domains (0 = all)."""

@@ -567,7 +567,6 @@ def test_evaluate_domain_writes_the_catalog_metrics_and_their_counts():
     assert 0 <= out["pointing_game"] <= 1 and -1 <= out["spearman"] <= 1
 
 
-
 class _Split(torch.utils.data.Dataset):
     """The two attributes :func:`costly_ids` reads from a test split: labels and image indices."""
 
