@@ -110,7 +110,12 @@ def test_two_queued_experiments_on_two_workers_both_land_in_mlflow(tmp_path):
     env = init_project(tmp_path, TINY_ERM)
     for name, lr in (("q-a", "0.002"), ("q-b", "0.003")):
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}", "train"], tmp_path, env)
-    run(["dvc", "queue", "start", "-j", "2"], tmp_path, env)
+    # The queue's workers inherit `dvc queue start`'s stdout and outlive it, so its output goes to
+    # a file: with a pipe, reading to EOF waits for the workers (a CI hang of 600 s).
+    with open(tmp_path / "queue-start.log", "w") as log:
+        started = subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=tmp_path, env=env,
+                                 stdout=log, stderr=subprocess.STDOUT, timeout=120)
+    assert started.returncode == 0, (tmp_path / "queue-start.log").read_text()[-3000:]
     try:
         status = queue_done(tmp_path, env, {"q-a", "q-b"})
     finally:
