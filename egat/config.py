@@ -472,9 +472,9 @@ class StudyParams(Strict):
     """The DVC train/evaluate matrix: methods x training domains x seeds."""
 
     # The embedded default is the smallest study that answers "does EGAT beat the baselines":
-    # the floor (ERM), the robust baseline (PGD-AT) and EGAT: ~21 minutes on 2 cores
-    # (docs/results/v5_make_run_breakdown.md). The whole comparison, every baseline (63 minutes; ign left out, 30x an ERM
-    # step): README, "The full study".
+    # the floor (ERM), the robust baseline (PGD-AT) and EGAT: 18-33 minutes on 2 cores, by host
+    # (docs/results/v5_make_run_fast_host.md). The whole comparison, every baseline (63 minutes;
+    # ign left out, 30x an ERM step): README, "The full study".
     methods: list[str] = ["erm", "pgd_at", "egat"]
     train_domains: list[str] = ["grass"]
     seeds: list[int] = [0, 1, 2]
