@@ -34,6 +34,8 @@ RUN_KEYS = ["method", "train_domain", "seed"]
 # (robust.json's AutoAttack accuracy, egat/robust_report.py) is Table I's last column.
 TABLE1_METRICS = ("cacc", "aacc", "comp", "suff", "aa")
 EXPLANATION_METRICS = ("spearman", "top_intersection", "pointing_game", "mass_in_mask")
+# The paired table's columns: accuracies, where higher is better, so "> 0" means "ahead".
+PAIRED_METRICS = ("ood_cacc", "id_cacc", "id_aacc")
 CUE_METRICS = ("cacc_cue_match", "cacc_cue_mismatch", "cue_follow", "cue_free_cacc",
                "object_erased_cacc")
 COLUMN_TITLES = {**TITLES, "aa": "AA"}
@@ -236,6 +238,56 @@ def ood_table(results: Results) -> OodTable:
     return OodTable(stats, rank, rank.mean(axis=1), rank.var(axis=1, ddof=0), mean_stats)
 
 
+def paired_differences(per_seed: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Every other method's rows minus ``baseline``'s row with the same remaining index levels
+    (training domain, seed): paired differences, index kept; rows the baseline lacks dropped."""
+    others = per_seed.drop(index=baseline, level="method")
+    base = per_seed.xs(baseline, level="method").reindex(others.index.droplevel("method"))
+    diff = pd.DataFrame(others.to_numpy() - base.to_numpy(), index=others.index,
+                        columns=others.columns)
+    return diff.dropna(how="all")
+
+
+@dataclass(frozen=True)
+class PairedTable:
+    """Each method minus the baseline, paired by (training domain, seed): Stats over the seeds'
+    differences (t interval over seeds only) and, per cell, on how many seeds it is > 0."""
+
+    baseline: str
+    stats: Stats
+    positive: pd.DataFrame
+    seeds: pd.DataFrame
+
+
+def paired_table(results: Results, baseline: str, metrics=PAIRED_METRICS) -> PairedTable:
+    """Rows = the methods other than ``baseline``; columns = (training domain, id_/ood_ metric)
+    (the OOD one is each run's mean over its test domains). The test images are the same for
+    both sides of a difference, so only the seeds' spread enters the interval (docs/protocol.md)."""
+    runs = pd.concat([per_run_means(results.domains, flag).add_prefix(f"{prefix}_")
+                      for prefix, flag in GROUPS.items()], axis=1)
+    wanted = metric_columns(runs, metrics)
+    methods = [m for m in results.methods if m != baseline]
+    columns = pd.MultiIndex.from_product([results.train_order, wanted])
+
+    def shaped(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame.unstack("train_domain").swaplevel(axis=1).reindex(index=methods, columns=columns)
+
+    if baseline not in results.methods or not methods:
+        empty = shaped(pd.DataFrame(columns=wanted, index=pd.MultiIndex.from_tuples(
+            [], names=["method", "train_domain"]), dtype=float))
+        return PairedTable(baseline, Stats(empty, empty, empty), empty, empty)
+    diff = paired_differences(runs[wanted], baseline)
+    grouped = diff.groupby(level=["method", "train_domain"])
+    return PairedTable(baseline, over_seeds(diff, ["method", "train_domain"]).map(shaped),
+                       shaped((diff > 0).groupby(level=["method", "train_domain"]).sum()),
+                       shaped(grouped.count()))
+
+
+def floor_method(results: Results, references: list[str]) -> str | None:
+    """The floor row: the first method that is not a reference (the study's first, ERM)."""
+    return next((m for m in results.methods if m not in references), None)
+
+
 def explanation_table(results: Results) -> Stats:
     """Stability under attack and golden-mask alignment per method over seeds."""
     return group_table(results, EXPLANATION_METRICS)
@@ -257,9 +309,11 @@ def group_table(results: Results, wanted: tuple[str, ...]) -> Stats:
     return stats.map(lambda stat: stat[columns].reindex(results.methods))
 
 
-def summary_metrics(results: Results, ood: OodTable) -> dict[str, dict[str, float]]:
+def summary_metrics(results: Results, ood: OodTable,
+                    floor: str | None = None) -> dict[str, dict[str, float]]:
     """{method: {id_cacc, id_aacc, ood_cacc, ..., ood_mean_rank, ood_rank_variance}}, NaN-free;
-    every metric also as ``<metric>_ci`` (the 95 % interval's half-width)."""
+    every metric also as ``<metric>_ci`` (the 95 % interval's half-width); with a ``floor``, each
+    other method's ``ood_cacc_minus_<floor>`` (paired by seed) and its ``_ci``."""
     per_seed = per_seed_means(results.domains)
     stats = over_seeds(per_seed, ["method"], bounds_of(per_seed.columns))
     mean = stats.mean.reindex(results.methods)
@@ -267,6 +321,11 @@ def summary_metrics(results: Results, ood: OodTable) -> dict[str, dict[str, floa
     mean = mean.join(half)
     mean["ood_mean_rank"] = ood.mean_rank
     mean["ood_rank_variance"] = ood.rank_variance
+    if floor in results.methods and len(results.methods) > 1:
+        gain = over_seeds(paired_differences(per_seed[["ood_cacc"]], floor), ["method"])
+        key = f"ood_cacc_minus_{floor}"
+        mean[key] = gain.mean["ood_cacc"]
+        mean[f"{key}_ci"] = gain.half["ood_cacc"]
     # NaN is not JSON; a metric a method lacks is left out rather than written as null.
     return {
         method: {k: round(float(v), CSV_DIGITS) for k, v in sorted(row.items()) if pd.notna(v)}
@@ -363,6 +422,35 @@ def ood_outputs(table: OodTable) -> tuple[pd.DataFrame, pd.DataFrame]:
     return cells, numbers
 
 
+def paired_label(column: tuple[str, str]) -> str:
+    return f"{column[0]} {metric_label(column[1])}"
+
+
+def paired_outputs(table: PairedTable) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(markdown cells, CSV numbers) of a paired table: each cell also says on how many seeds the
+    difference is > 0 ("3/3 > 0")."""
+    cells = cell_table(paired_label, table.stats)
+    numbers = number_table(paired_label, table.stats)
+    for column in table.stats.mean.columns:
+        label, positive, seeds = paired_label(column), table.positive[column], table.seeds[column]
+        counts = [f", {int(p)}/{int(n)} > 0" if pd.notna(n) and n > 0 else ""
+                  for p, n in zip(positive, seeds)]
+        cells[label] = cells[label] + counts
+        numbers[f"{label} seeds_positive"] = positive
+        numbers[f"{label} seeds"] = seeds
+    return cells, numbers
+
+
+def paired_caption(table: PairedTable) -> str:
+    return (f"Each row minus {table.baseline}, paired: the same training domain, seed and test "
+            "images. Mean ± sample std of the per-seed differences (points); (low, high): their "
+            "95 % Student t interval over the seeds only (both sides are scored on the same test "
+            "images, so most of the test set's error is common to both and cancels; one seed: no "
+            "interval; docs/protocol.md); k/n > 0: "
+            f"on k of the n seeds the row is ahead of {table.baseline}. OOD cAcc: each run's mean "
+            "over its out-of-domain test domains.")
+
+
 def group_outputs(stats: Stats) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(markdown cells, CSV numbers) of a per-method table of id_*/ood_* metrics."""
     return cell_table(metric_label, stats), number_table(metric_label, stats)
@@ -391,7 +479,7 @@ def reference_caption(results: Results, references: list[str], ood: OodTable) ->
     refs = [r for r in references if r in results.methods]
     if not refs:
         return ""
-    floor = next((m for m in results.methods if m not in refs), None)
+    floor = floor_method(results, refs)
     text = f"Ceiling row: {', '.join(refs)} (trained on the cue-free renders, same budget)."
     if floor is not None and not ood.ood_mean.mean.empty:
         gaps = (ood.ood_mean.mean.loc[refs[0]] - ood.ood_mean.mean.loc[floor]).round(DIGITS)
@@ -511,6 +599,7 @@ def build_report(
 
     ood = ood_table(results)
     reference = reference_caption(results, references, ood)
+    floor = floor_method(results, references)
     table1, aa_caption = add_aa_column(runs_dir, in_domain_table(results))
     cells, numbers = in_domain_outputs(table1)
     write("table1_in_domain.md", markdown_table(
@@ -528,6 +617,12 @@ def build_report(
         f"each training domain's OOD mean; mean and population variance of each method's ranks. "
         f"{caption} {reference}", cells))
     write("table2_ood.csv", csv_text(numbers))
+
+    paired = paired_table(results, floor)
+    cells, numbers = paired_outputs(paired)
+    write("paired.md", markdown_table(
+        f"Paired by seed: each method minus {floor} (the floor)", paired_caption(paired), cells))
+    write("paired.csv", csv_text(numbers))
 
     cue = cue_table(results)
     cells, numbers = group_outputs(cue)
@@ -553,7 +648,7 @@ def build_report(
     write("explanations.csv", csv_text(numbers))
 
     written += build_robust_report(runs_dir, out, methods_order)
-    write("metrics.json", json.dumps(summary_metrics(results, ood), indent=2, sort_keys=True) + "\n")
+    write("metrics.json", json.dumps(summary_metrics(results, ood, floor), indent=2, sort_keys=True) + "\n")
     write("plots/attack_sweep.csv", sweep_plot_data(results).to_csv(index=False))
 
     for name, plot in (("attack_sweep.png", plot_attack_sweep),

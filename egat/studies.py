@@ -25,11 +25,13 @@ from egat.run.layout import BEST, EVALS, TIMING, VARIANTS, cell_dir
 from egat.seeding import seeded_scope
 from egat.report import (
     Results, csv_text, find_eval_files, in_domain_outputs, in_domain_table, load_runs,
-    markdown_table, method_colors, new_figure, ood_outputs, ood_table, per_seed_means, save_png,
-    seeds_caption,
+    markdown_table, method_colors, new_figure, ood_outputs, ood_table, paired_caption,
+    paired_outputs, paired_table, per_seed_means, save_png, seeds_caption,
 )
 from egat.stats import over_seeds
 
+# Every Table III/IV variant is EGAT with one thing changed, so each is compared with this run.
+VARIANT_BASELINE = "egat"
 
 
 # --- variants -----------------------------------------------------------------------------------
@@ -348,6 +350,19 @@ def build_studies(params: Params, evals_dir: str | Path = EVALS, out_dir: str | 
     for name, row in mean.iterrows():
         metrics.update({f"ablation/{name}/{k}": float(row[f"id_{k}"])
                         for k in ("cacc", "aacc", "comp", "suff") if pd.notna(row.get(f"id_{k}"))})
+
+    chosen, missing = subset(results, [*st.sensitivity, *st.ablation])
+    paired = paired_table(chosen, VARIANT_BASELINE)
+    cells, numbers = paired_outputs(paired)
+    write("studies_paired.md", markdown_table(
+        f"Tables III and IV paired by seed: each row minus {VARIANT_BASELINE}",
+        paired_caption(paired) + missing_note(missing), cells))
+    write("studies_paired.csv", csv_text(numbers))
+    if "ood_cacc" in paired.stats.mean.columns.get_level_values(1):
+        # Averaged over the training domains, as Table III's sensitivity/<row>/ood_cacc.
+        gain = paired.stats.mean.xs("ood_cacc", axis=1, level=1).mean(axis=1)
+        metrics.update({f"paired/{n}/ood_cacc_minus_{VARIANT_BASELINE}": float(v)
+                        for n, v in gain.items() if pd.notna(v)})
 
     points, timing = runtime_points(params, results, list(params.study.methods) + list(st.runtime))
     write("fig3_runtime.csv", timing.round(4).rename_axis("run").to_csv())

@@ -101,12 +101,13 @@ def stages_run_by_repro(proj: Path, *flags: str) -> set[str]:
 @pytest.mark.slow
 def test_repro_outputs_reports_metrics_and_mlflow_runs(project):
     reports = project / "reports"
-    for name in ("table1_in_domain.md", "table2_ood.md", "attack_sweep.png", "metrics.json"):
+    for name in ("table1_in_domain.md", "table2_ood.md", "paired.md", "attack_sweep.png",
+                 "metrics.json", "studies_paired.md"):
         assert (reports / name).is_file(), name
     metrics = json.loads((reports / "metrics.json").read_text())
     assert set(metrics) == {"erm", "egat"}
     shown = run(["dvc", "metrics", "show", "--json"], project, env_for(project))
-    assert "id_cacc" in shown
+    assert "id_cacc" in shown and "ood_cacc_minus_erm" in shown  # egat - erm, paired by seed
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")

@@ -23,6 +23,9 @@ from egat.report import (
     in_domain_table,
     load_runs,
     ood_table,
+    paired_differences,
+    paired_outputs,
+    paired_table,
     sweep_plot_data,
 )
 from egat.stats import Stats, interval_ranks, over_seeds
@@ -274,6 +277,50 @@ def test_table1_files(report_dir):
     assert csv.loc["egat", "gravel aAcc std"] == pytest.approx(7.0711)
 
 
+def test_paired_table_is_each_method_minus_the_floor_seed_by_seed(results):
+    table = paired_table(results, "erm")
+    mean, std, low, high = table.stats.mean, table.stats.std, table.stats.low, table.stats.high
+    assert list(mean.index) == ["egat", "igr"]
+    assert list(mean.columns) == [(t, m) for t in TRAIN_DOMAINS for m in ("ood_cacc", "id_cacc", "id_aacc")]
+    # In domain: cAcc 80 + i + 4 seed, aAcc 10 i + 10 seed: the same gap on both seeds.
+    assert mean.loc["egat", ("grass", "id_cacc")] == pytest.approx(1.0)
+    assert mean.loc["igr", ("gravel", "id_aacc")] == pytest.approx(20.0)
+    assert std.loc["igr", ("gravel", "id_aacc")] == pytest.approx(0.0)
+    # OOD mean of grass runs (gravel, brick): egat - erm = 2.5015 (seed 0), 2.5005 (seed 1); the
+    # t interval over the two differences only: 12.706 * (0.001 / sqrt 2) / sqrt 2 = 0.006353.
+    assert mean.loc["egat", ("grass", "ood_cacc")] == pytest.approx(2.501)
+    assert std.loc["egat", ("grass", "ood_cacc")] == pytest.approx(0.001 / 2**0.5)
+    assert high.loc["egat", ("grass", "ood_cacc")] - mean.loc["egat", ("grass", "ood_cacc")] == (
+        pytest.approx(12.7062 * 0.0005, rel=1e-4))
+    # igr trained on gravel: (66 + 20) / 2 - (60 + 30) / 2 = -2 on both seeds, ahead on none.
+    assert mean.loc["igr", ("gravel", "ood_cacc")] == pytest.approx(-2.0)
+    assert low.loc["igr", ("gravel", "ood_cacc")] == pytest.approx(-2.0)
+    assert table.positive.loc["igr", ("gravel", "ood_cacc")] == 0
+    assert table.positive.loc["egat", ("grass", "ood_cacc")] == table.seeds.loc[
+        "egat", ("grass", "ood_cacc")] == 2
+    cells, numbers = paired_outputs(table)
+    assert cells.loc["igr", "gravel OOD cAcc"].startswith("-2.00 ± 0.00")  # float-noise width
+    assert cells.loc["igr", "gravel OOD cAcc"].endswith(", 0/2 > 0")
+    assert cells.loc["egat", "grass OOD cAcc"] == "2.50 ± 0.00 (2.49, 2.51), 2/2 > 0"
+    assert numbers.loc["egat", "grass ID aAcc seeds_positive"] == 2
+
+
+def test_paired_differences_keep_only_the_seeds_both_have():
+    index = pd.MultiIndex.from_tuples(
+        [("erm", "a", 0), ("erm", "a", 1), ("egat", "a", 0), ("egat", "a", 1), ("egat", "a", 2)],
+        names=["method", "train_domain", "seed"])
+    per_seed = pd.DataFrame({"ood_cacc": [10.0, 20.0, 13.0, 21.0, 99.0]}, index=index)
+    diff = paired_differences(per_seed, "erm")
+    assert diff["ood_cacc"].to_dict() == {("egat", "a", 0): 3.0, ("egat", "a", 1): 1.0}
+
+
+def test_paired_table_without_its_baseline_is_empty(results):
+    table = paired_table(results, "oracle")
+    assert table.stats.mean.isna().all().all()
+    cells, _ = paired_outputs(table)
+    assert (cells == "-").all().all()
+
+
 def test_explanation_table_stability_and_mask_alignment(results):
     mean = explanation_table(results).mean
     assert list(mean.columns) == [
@@ -302,6 +349,10 @@ def test_metrics_json_is_flat_per_method(report_dir):
     # The mean over training domains and seeds of each run's OOD mean.
     assert metrics["egat"]["ood_cacc"] == pytest.approx((55 + 40.002 + 70 + 35) / 4, abs=1e-4)
     assert metrics["egat"]["ood_mean_rank"] == 1.0
+    # Paired by seed with the floor (the first method), over both training domains:
+    # seed 0 (47.4015 + 52.4) / 2 - 44.9 = 5.00075, seed 1 (47.6005 + 52.6) / 2 - 45.1 = 5.00025.
+    assert metrics["egat"]["ood_cacc_minus_erm"] == pytest.approx(5.0005, abs=1e-4)
+    assert "ood_cacc_minus_erm" not in metrics["erm"]
 
 
 def test_sweep_plot_data_for_dvc(results, report_dir):
@@ -325,7 +376,7 @@ def test_figures_are_valid_pngs(report_dir, name):
 
 def test_every_file_written_and_no_temp_files_left(runs_dir, report_dir):
     expected = {"table1_in_domain.md", "table1_in_domain.csv", "table2_ood.md", "table2_ood.csv",
-                "cue.md", "cue.csv",
+                "paired.md", "paired.csv", "cue.md", "cue.csv",
                 "explanations.md", "explanations.csv", "metrics.json", "plots/attack_sweep.csv",
                 "attack_sweep.png", "accuracy_bars.png"}
     before = {p.relative_to(report_dir).as_posix(): p.read_bytes()

@@ -126,6 +126,20 @@ def test_sensitivity_table_ranks_the_rows_ood(evals):
     assert cells.loc["ig", "grass OOD mean"].startswith("69.00 (")
 
 
+def test_variants_paired_with_egat_one_seed_has_no_interval(evals):
+    from egat.report import paired_outputs, paired_table
+    from egat.studies import VARIANT_BASELINE
+
+    rows, _ = subset(load_study_results(evals, ["erm", "egat"]), ["egat", "ig", "wo_at"])
+    cells, numbers = paired_outputs(paired_table(rows, VARIANT_BASELINE))
+    assert list(cells.index) == ["ig", "wo_at"]
+    # OOD mean: ig (72 + 66) / 2 - egat (70 + 60) / 2 = +4; wo_at 60 - 65 = -5, aAcc 7 - 55.
+    assert cells.loc["ig", "grass OOD cAcc"] == "4.00, 1/1 > 0"
+    assert cells.loc["wo_at", "grass OOD cAcc"] == "-5.00, 0/1 > 0"
+    assert numbers.loc["wo_at", "grass ID aAcc"] == pytest.approx(-48.0)
+    assert pd.isna(numbers.loc["wo_at", "grass ID aAcc std"])
+
+
 def test_plot_sensitivity_draws_every_row_and_handles_no_rows(evals, tmp_path):
     _, numbers = sensitivity_table(subset(load_study_results(evals), ["egat", "ig"])[0])
     six = pd.concat([numbers.rename(index=lambda n, k=k: f"{n}{k}") for k in range(3)])
@@ -221,6 +235,9 @@ def test_study_stages_end_to_end(tmp_path, monkeypatch):
     assert "| smoothgrad" in table3 and "Not run yet: golden" in table3
     assert [line.split(",")[0] for line in (reports / "table4_ablation.csv").read_text().splitlines()] == [
         "method", "erm", "wo_at", "egat"]
+    paired = pd.read_csv(reports / "studies_paired.csv", index_col="method")
+    assert list(paired.index) == ["smoothgrad", "erm", "wo_at"]  # Table III then IV, minus egat
+    assert "Not run yet: golden" in (reports / "studies_paired.md").read_text()
     runtime = (reports / "fig3_runtime.csv").read_text()
     assert {"erm", "egat", "smoothgrad"} <= {line.split(",")[0] for line in runtime.splitlines()[1:]}
     for png in ("table3_sensitivity.png", "fig3_runtime.png", "fig4_case_study.png"):
@@ -229,6 +246,7 @@ def test_study_stages_end_to_end(tmp_path, monkeypatch):
 
     runs = mlflow.search_runs(experiment_names=["egat"], filter_string="tags.stage = 'studies'")
     assert len(runs) == 1 and runs["metrics.sensitivity/smoothgrad/ood_cacc"].notna().all()
+    assert runs["metrics.paired/wo_at/ood_cacc_minus_egat"].notna().all()
 
 
 def test_runtime_points_are_steps_per_epoch_times_step_time(evals, tmp_path, monkeypatch):
