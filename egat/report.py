@@ -272,15 +272,13 @@ def paired_table(results: Results, baseline: str, metrics=PAIRED_METRICS) -> Pai
     def shaped(frame: pd.DataFrame) -> pd.DataFrame:
         return frame.unstack("train_domain").swaplevel(axis=1).reindex(index=methods, columns=columns)
 
-    if baseline not in results.methods or not methods:
-        empty = shaped(pd.DataFrame(columns=wanted, index=pd.MultiIndex.from_tuples(
-            [], names=["method", "train_domain"]), dtype=float))
-        return PairedTable(baseline, Stats(empty, empty, empty), empty, empty)
-    diff = paired_differences(runs[wanted], baseline)
-    grouped = diff.groupby(level=["method", "train_domain"])
-    return PairedTable(baseline, over_seeds(diff, ["method", "train_domain"]).map(shaped),
-                       shaped((diff > 0).groupby(level=["method", "train_domain"]).sum()),
-                       shaped(grouped.count()))
+    # Without the baseline every cell is empty (NaN), as a metric a method lacks.
+    diff = (paired_differences(runs[wanted], baseline) if baseline in results.methods
+            else runs[wanted].iloc[:0])
+    by = ["method", "train_domain"]
+    return PairedTable(baseline, over_seeds(diff, by).map(shaped),
+                       shaped((diff > 0).groupby(level=by).sum()),
+                       shaped(diff.groupby(level=by).count()))
 
 
 def floor_method(results: Results, references: list[str]) -> str | None:
