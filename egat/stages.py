@@ -126,6 +126,8 @@ def _tags(params: Params, stage: str, method: str, domain: str, seed: int) -> di
 def train_run(params: Params, method: str, domain: str, seed: int, name: str | None = None) -> dict:
     """Train one cell (in process or on Ray Train, see ``train.backend``), tracked in MLflow with
     its checkpoint and model. ``name`` (a studies variant) replaces the method in folder and key."""
+    import torch
+
     from egat.run.checkpoint import model_from_checkpoint
     from egat.train.launch import fit, preflight
 
@@ -145,8 +147,10 @@ def train_run(params: Params, method: str, domain: str, seed: int, name: str | N
         model, _, _ = model_from_checkpoint(result.best_checkpoint)
         size = cell.data.image_size
         # An example batch of 2: torch.export specialises a batch dimension of 1, and the logged
-        # model would then refuse any other batch size.
-        tracker.log_model(model.eval(), np.zeros((2, 3, size, size), np.float32), name="model")
+        # model would then refuse any other batch size. Contiguous weights: torch.export's packer
+        # takes channels_last ones for slices of a larger tensor and warns on every run.
+        tracker.log_model(model.eval().to_memory_format(torch.contiguous_format),
+                          np.zeros((2, 3, size, size), np.float32), name="model")
     return result.metrics
 
 

@@ -85,6 +85,9 @@ def test_channels_last_computes_the_same_function():
     x = torch.rand(3, 3, 32, 32)
     assert fast.features(x).is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(plain(x), fast(x), atol=1e-5)
+    back = fast.to_memory_format(torch.contiguous_format)
+    assert all(p.is_contiguous() for p in back.parameters()) and back.features(x).is_contiguous()
+    assert torch.allclose(plain(x), back(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "efficientnet_b0"])

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,32 @@ def test_training_logs_to_a_real_mlflow_server(tmp_path, monkeypatch, capfd):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_logged_model_is_exported_without_warnings_and_serves_the_checkpoint(tmp_path, monkeypatch):
+    """The checkpoint holds channels_last weights; torch.export's packer warned on every training
+    run that it took them for slices ("No complete tensor found in the group")."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    from egat.run.checkpoint import model_from_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = prepared({**TINY, "study": {}, "train": {**TINY["train"], "backend": "local"}})
+    assert params.model.channels_last
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stages.train_run(params, "erm", "grass", 0)
+    assert not [w for w in caught if "complete tensor" in str(w.message)]
+    client = mlflow.MlflowClient()
+    (run_,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (logged,) = client.search_logged_models([run_.info.experiment_id])
+    served = mlflow.pytorch.load_model(logged.artifact_location)
+    model, _, _ = model_from_checkpoint(tmp_path / "runs/erm/grass/seed0/best.pt")
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.allclose(served(x), model.eval()(x), atol=1e-5)
 
 
 def test_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch):
