@@ -204,6 +204,7 @@ def test_the_logged_model_is_exported_without_warnings_and_serves_the_checkpoint
     import torch
 
     from egat.run.checkpoint import model_from_checkpoint
+    from egat.run.layout import BEST, run_dir
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -217,7 +218,7 @@ def test_the_logged_model_is_exported_without_warnings_and_serves_the_checkpoint
     (run_,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     (logged,) = client.search_logged_models([run_.info.experiment_id])
     served = mlflow.pytorch.load_model(logged.artifact_location)
-    model, _, _ = model_from_checkpoint(tmp_path / "runs/erm/grass/seed0/best.pt")
+    model, _, _ = model_from_checkpoint(run_dir(params, "erm", "grass", 0) / BEST)
     x = torch.rand(3, 3, 32, 32)
     assert torch.allclose(served(x), model.eval()(x), atol=1e-5)
 
