@@ -34,8 +34,12 @@ RUN_KEYS = ["method", "train_domain", "seed"]
 # (robust.json's AutoAttack accuracy, egat/robust_report.py) is Table I's last column.
 TABLE1_METRICS = ("cacc", "aacc", "comp", "suff", "aa")
 EXPLANATION_METRICS = ("spearman", "top_intersection", "pointing_game", "mass_in_mask")
-# The paired table's columns: accuracies, where higher is better, so "> 0" means "ahead".
-PAIRED_METRICS = ("ood_cacc", "id_cacc", "id_aacc")
+# The paired table's columns: the accuracies, then the shortcut's evidence (the cue-free renders,
+# how often the prediction follows the cue, whether the map points at the object); a metric the
+# runs lack (no cue or masks on this dataset) is left out.
+PAIRED_METRICS = ("ood_cacc", "id_cacc", "id_aacc", "ood_cue_free_cacc", "id_cue_follow",
+                  "id_pointing_game")
+LOWER_IS_BETTER = frozenset({"cue_follow"})  # of the paired metrics: "> 0" is behind, not ahead
 CUE_METRICS = ("cacc_cue_match", "cacc_cue_mismatch", "cue_follow", "cue_free_cacc",
                "object_erased_cacc")
 COLUMN_TITLES = {**TITLES, "aa": "AA"}
@@ -445,8 +449,17 @@ def paired_caption(table: PairedTable) -> str:
             "95 % Student t interval over the seeds only (both sides are scored on the same test "
             "images, so most of the test set's error is common to both and cancels; one seed: no "
             "interval; docs/protocol.md); k/n > 0: "
-            f"on k of the n seeds the row is ahead of {table.baseline}. OOD cAcc: each run's mean "
-            "over its out-of-domain test domains.")
+            f"on k of the n seeds the row is ahead of {table.baseline}"
+            + (", except for the cue-follow rate, where > 0 is behind (lower is better)"
+               if table_metrics(table) & LOWER_IS_BETTER else "")
+            + ". OOD: each run's mean over its out-of-domain test domains."
+            + (" Pointing game: a fraction, not points." if "pointing_game" in table_metrics(table)
+               else ""))
+
+
+def table_metrics(table: PairedTable) -> set[str]:
+    """The bare metric names (no id_/ood_ prefix) of a paired table's columns."""
+    return {m.partition("_")[2] for m in table.stats.mean.columns.get_level_values(1)}
 
 
 def group_outputs(stats: Stats) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -79,8 +79,11 @@ def domain_entry(method: str, train: str, test: str, seed: int, masks: bool) -> 
     else:
         entry = {"in_domain": False, "cacc": OOD_CACC[method, train, test][seed], "aacc": 5.0,
                  "comp": 10.0, "suff": 8.0}
+    # The cue: method i is right on 50 + 5 i + seed % of the cue-free renders and follows the
+    # cue on 30 - 10 i + 2 seed % of the 20 images where it misleads.
     entry.update(spearman=0.5 + 0.1 * i + 0.02 * seed, top_intersection=0.4 + 0.1 * i,
-                 n=100 if test == train else OOD_N)
+                 n=100 if test == train else OOD_N, cue_free_cacc=50.0 + 5 * i + seed,
+                 cue_follow=30.0 - 10 * i + 2 * seed, n_cue_mismatch=20)
     if masks:
         entry.update(pointing_game=0.6 + 0.1 * i, mass_in_mask=0.3)
     return entry
@@ -281,7 +284,8 @@ def test_paired_table_is_each_method_minus_the_floor_seed_by_seed(results):
     table = paired_table(results, "erm")
     mean, std, low, high = table.stats.mean, table.stats.std, table.stats.low, table.stats.high
     assert list(mean.index) == ["egat", "igr"]
-    assert list(mean.columns) == [(t, m) for t in TRAIN_DOMAINS for m in ("ood_cacc", "id_cacc", "id_aacc")]
+    assert list(mean.columns) == [(t, m) for t in TRAIN_DOMAINS for m in (
+        "ood_cacc", "id_cacc", "id_aacc", "ood_cue_free_cacc", "id_cue_follow", "id_pointing_game")]
     # In domain: cAcc 80 + i + 4 seed, aAcc 10 i + 10 seed: the same gap on both seeds.
     assert mean.loc["egat", ("grass", "id_cacc")] == pytest.approx(1.0)
     assert mean.loc["igr", ("gravel", "id_aacc")] == pytest.approx(20.0)
@@ -298,6 +302,11 @@ def test_paired_table_is_each_method_minus_the_floor_seed_by_seed(results):
     assert table.positive.loc["igr", ("gravel", "ood_cacc")] == 0
     assert table.positive.loc["egat", ("grass", "ood_cacc")] == table.seeds.loc[
         "egat", ("grass", "ood_cacc")] == 2
+    # The shortcut's evidence: method i minus method 0 is 5 i, -10 i and 0.1 i on every seed.
+    assert mean.loc["igr", ("grass", "ood_cue_free_cacc")] == pytest.approx(10.0)
+    assert mean.loc["egat", ("gravel", "id_cue_follow")] == pytest.approx(-10.0)
+    assert mean.loc["igr", ("gravel", "id_pointing_game")] == pytest.approx(0.2)
+    assert table.positive.loc["egat", ("grass", "id_cue_follow")] == 0
     cells, numbers = paired_outputs(table)
     assert cells.loc["igr", "gravel OOD cAcc"].startswith("-2.00 ± 0.00")  # float-noise width
     assert cells.loc["igr", "gravel OOD cAcc"].endswith(", 0/2 > 0")
@@ -336,6 +345,16 @@ def test_explanation_table_leaves_out_mask_metrics_without_masks(tmp_path):
     assert not [c for c in mean.columns if "pointing_game" in c or "mass_in_mask" in c]
     build_report(tmp_path / "runs", tmp_path / "reports")
     assert "ID pointing game" not in (tmp_path / "reports" / "explanations.md").read_text()
+    paired = (tmp_path / "reports" / "paired.md").read_text()
+    assert "ID pointing game" not in paired and "Pointing game: a fraction" not in paired
+    assert "| grass ID cue-follow rate " in paired  # the cue's column stays
+
+
+def test_paired_caption_says_which_way_each_column_is_ahead(report_dir):
+    paired = (report_dir / "paired.md").read_text()
+    assert "| grass OOD cue-free cAcc " in paired and "| gravel ID pointing game " in paired
+    assert "except for the cue-follow rate, where > 0 is behind" in paired
+    assert "Pointing game: a fraction, not points." in paired
 
 
 def test_metrics_json_is_flat_per_method(report_dir):
