@@ -22,7 +22,9 @@ import pandas as pd
 
 from egat import io
 from egat.errors import EgatError
-from egat.metrics.catalog import BOUNDS, METRIC_NAMES, METRICS, PERCENT, TITLES, image_count
+from egat.metrics.catalog import (
+    BOUNDS, METRIC_NAMES, METRICS, PERCENT, PERCENT_METRICS, TITLES, image_count,
+)
 from egat.robust_report import add_aa_column, build_robust_report
 from egat.stats import Stats, binomial_variance, interval_ranks, over_seeds
 from egat.run.layout import EVAL_FILE, VARIANTS, cell_files
@@ -444,22 +446,19 @@ def paired_outputs(table: PairedTable) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def paired_caption(table: PairedTable) -> str:
+    names = sorted({m.partition("_")[2] for m in table.stats.mean.columns.get_level_values(1)})
+    lower = [COLUMN_TITLES[m] for m in names if m in LOWER_IS_BETTER]
+    fractions = [COLUMN_TITLES[m] for m in names if m not in PERCENT_METRICS]
     return (f"Each row minus {table.baseline}, paired: the same training domain, seed and test "
             "images. Mean ± sample std of the per-seed differences (points); (low, high): their "
             "95 % Student t interval over the seeds only (both sides are scored on the same test "
             "images, so most of the test set's error is common to both and cancels; one seed: no "
             "interval; docs/protocol.md); k/n > 0: "
             f"on k of the n seeds the row is ahead of {table.baseline}"
-            + (", except for the cue-follow rate, where > 0 is behind (lower is better)"
-               if table_metrics(table) & LOWER_IS_BETTER else "")
+            + (f", except for the {' and '.join(lower)}, where > 0 is behind (lower is better)"
+               if lower else "")
             + ". OOD: each run's mean over its out-of-domain test domains."
-            + (" Pointing game: a fraction, not points." if "pointing_game" in table_metrics(table)
-               else ""))
-
-
-def table_metrics(table: PairedTable) -> set[str]:
-    """The bare metric names (no id_/ood_ prefix) of a paired table's columns."""
-    return {m.partition("_")[2] for m in table.stats.mean.columns.get_level_values(1)}
+            + (f" {', '.join(fractions).capitalize()}: a fraction, not points." if fractions else ""))
 
 
 def group_outputs(stats: Stats) -> tuple[pd.DataFrame, pd.DataFrame]:
