@@ -170,8 +170,10 @@ def costly_scores(model, explainer, attack, images: torch.Tensor, labels: torch.
     """
     pred, clock = probs.argmax(1), clock or PartClock()
     with clock.part("pgd"):
+        # every image is attacked (stability compares E(x) and E(x') on all of them); aAcc still
+        # counts a clean mistake as not robust, like egat.metrics.accuracy.robust
         adversarial = attack(images, labels)
-        scores = {"aacc": correct(model, adversarial, labels)}
+        scores = {"aacc": (pred == labels) & correct(model, adversarial, labels)}
     with clock.part("comp_suff"):
         maps = explainer.attribute(images, pred)
         c, s = erasure_scores(model, images, maps, pred, ks, baseline,

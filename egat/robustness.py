@@ -17,6 +17,8 @@ column of Table I, with how many images each member fooled) and the checks
   rises on at least ``min_rising`` of the images (a flat loss surface hides the attack's direction),
 
 each with its numbers and pass/fail; ``tolerance`` points of slack where accuracies are compared.
+Every accuracy under attack counts a clean mistake as not robust (AutoAttack's convention), so
+each attack runs only on the images the model gets right clean (egat.metrics.robust).
 Writes ``evals/<method>/<domain>/seed<k>/robust.json``.
 """
 
@@ -38,7 +40,7 @@ from egat.build import build_attack
 from egat.config import Params
 from egat.data.subsets import stratified_indices
 from egat.errors import EgatError
-from egat.metrics import iterate_batches
+from egat.metrics import correct, iterate_batches, robust
 from egat.models.mode import model_mode
 from egat.run.layout import BEST, EVALS, ROBUST_TIMING, robust_path, run_dir
 from egat.seeding import seeded_scope
@@ -79,10 +81,8 @@ class _Counts:
         self.correct: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
 
-    def add(self, key: str, model, x_adv: torch.Tensor, y: torch.Tensor, started: float) -> None:
-        with torch.no_grad():
-            hits = int((model(x_adv).argmax(1) == y).sum())
-        self.correct[key] = self.correct.get(key, 0) + hits
+    def add(self, key: str, hits: torch.Tensor, started: float) -> None:
+        self.correct[key] = self.correct.get(key, 0) + int(hits.sum())
         self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
 
 
@@ -123,22 +123,24 @@ def robust_metrics(model, params: Params, loader, device, transfer_model=None) -
     with seeded_scope(rb.seed, device), model_mode(model, "eval"):
         for batch in iterate_batches(loader, device):
             x, y = batch["image"], batch["label"]
-            counts.add("clean", model, x, y, time.perf_counter())
             started = time.perf_counter()
-            x_aa, by = aa.run(x, y) if isinstance(aa, Ensemble) else (aa(x, y), None)
-            counts.add("aa", model, x_aa, y, started)
-            if by is not None:
+            clean = correct(model, x, y)
+            counts.add("clean", clean, started)
+            started = time.perf_counter()
+            if isinstance(aa, Ensemble):
+                x_aa, by = aa.run(x, y)
                 for k in range(len(members)):
                     fooled_by[k] += int((by == k).sum())
-            for e, attack in apgd.items():
-                started = time.perf_counter()
-                counts.add(f"apgd@{e:g}", model, attack(x, y), y, started)
-            for key, attack in (("square", square), ("pgd", pgd), ("strong_pgd", strong)):
-                started = time.perf_counter()
-                counts.add(key, model, attack(x, y), y, started)
+                counts.add("aa", correct(model, x_aa, y), started)
+            else:
+                counts.add("aa", robust(model, aa, x, y, clean), started)
+            attacks = {**{f"apgd@{e:g}": a for e, a in apgd.items()},
+                       "square": square, "pgd": pgd, "strong_pgd": strong}
             if transfer is not None:
+                attacks["transfer"] = transfer
+            for key, attack in attacks.items():
                 started = time.perf_counter()
-                counts.add("transfer", model, transfer(x, y), y, started)
+                counts.add(key, robust(model, attack, x, y, clean), started)
             started = time.perf_counter()
             with torch.enable_grad():
                 scan = _loss_scan(model, x, y, eps, ck.scan_points)

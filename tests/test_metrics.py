@@ -22,6 +22,7 @@ from egat.metrics import (
     evaluate_accuracy,
     faithfulness,
     object_erased_correct,
+    robust,
     spearman_rows,
     stability_scores,
     top_intersection,
@@ -156,6 +157,29 @@ def test_evaluate_accuracy_reports_every_attack_in_one_pass():
     )
     # every image becomes blue (class 2); no label is 2
     assert result == {"clean": 75.0, "none": 75.0, "blue": 0.0}
+
+
+def test_an_attack_runs_only_on_the_clean_correct_images_and_never_repairs_a_mistake():
+    images, labels = coloured_images()  # the blue image (index 2, label 0) is misclassified
+    model = linear_pixel_model(RGB_MODEL)
+    seen = []
+
+    def to_label_colour(x, y):  # an "attack" that makes every image it is given correct
+        seen.append(len(x))
+        out = torch.zeros_like(x)
+        out[torch.arange(len(x)), y] = 1.0
+        return out
+
+    result = evaluate_accuracy(model, loader_of(images, labels), "cpu", {"repair": to_label_colour})
+    assert seen == [2, 1]  # batches (red, green), (blue, red): the blue one is already wrong
+    assert result == {"clean": 75.0, "repair": 75.0}  # the mistake stays a mistake
+    model.eval()  # as evaluate_accuracy runs it (dropout off)
+    clean = correct(model, images, labels)
+    assert robust(model, to_label_colour, images, labels, clean).tolist() == [True, True, False, True]
+    assert seen == [2, 1, 3]
+    nothing = torch.zeros(4, dtype=torch.bool)  # no correct image: the attack is not called
+    assert robust(model, to_label_colour, images, labels, nothing).tolist() == [False] * 4
+    assert seen == [2, 1, 3]
 
 
 def test_accuracy_runs_in_eval_mode_and_restores_the_mode():
@@ -419,6 +443,22 @@ def test_explanation_stability_explains_the_predicted_class_on_both_images():
     assert explainer.targets == [[0, 0], [0, 0]]
     assert scores["spearman"].tolist() == pytest.approx([1.0, 1.0])
     assert scores["top_intersection"].tolist() == [1.0, 1.0]
+
+
+def test_costly_scores_attack_every_image_but_count_a_clean_mistake_as_not_robust():
+    images, labels = coloured_images()  # the blue image (index 2, label 0) is misclassified
+    seen = []
+
+    def to_label_colour(x, y):  # makes every image correct: the blue one too
+        seen.append(len(x))
+        out = torch.zeros_like(x)
+        out[torch.arange(len(x)), y] = 1.0
+        return out
+
+    scores = scores_of(linear_pixel_model(RGB_MODEL), RedChannelExplainer(), to_label_colour,
+                       images, labels)
+    assert seen == [4]  # stability needs E(x') of every image
+    assert scores["aacc"].tolist() == [True, True, False, True]
 
 
 def test_constant_maps_are_left_out_of_the_spearman_mean():

@@ -6,7 +6,7 @@ explanations under attack, alignment with golden masks, and the spurious cue's p
 lists them with their units and report titles.
 """
 
-from egat.metrics.accuracy import correct, evaluate_accuracy
+from egat.metrics.accuracy import correct, evaluate_accuracy, robust
 from egat.metrics.alignment import alignment_scores
 from egat.metrics.cue import cue_scores
 from egat.metrics.faithfulness import (
@@ -36,6 +36,7 @@ __all__ = [
     "faithfulness",
     "iterate_batches",
     "object_erased_correct",
+    "robust",
     "spearman_rows",
     "stability_scores",
     "top_count",

@@ -15,9 +15,23 @@ AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per image (B,) bool: is the model's top-1 class on ``images`` the label? (No gradients;
-    the model is used in its current mode.) On ``attack(images, labels)`` this is aAcc's score."""
+    the model is used in its current mode.)"""
     with torch.no_grad():
         return model(images).argmax(1) == labels
+
+
+def robust(model: nn.Module, attack: AttackFn, images: torch.Tensor, labels: torch.Tensor,
+           clean_correct: torch.Tensor) -> torch.Tensor:
+    """Per image (B,) bool, aAcc's score: right on the clean image and on ``attack``'s example.
+
+    AutoAttack's convention (Croce & Hein 2020): an image the model already misclassifies counts
+    as not robust, so the attack runs only on the ``clean_correct`` ones (the rest is saved work).
+    """
+    out = torch.zeros_like(clean_correct)
+    todo = clean_correct.nonzero().flatten()
+    if len(todo):
+        out[todo] = correct(model, attack(images[todo], labels[todo]), labels[todo])
+    return out
 
 
 def evaluate_accuracy(
@@ -33,6 +47,7 @@ def evaluate_accuracy(
         model: on ``device``; evaluated in eval mode (its previous modes are restored afterwards).
         loader: yields dicts with "image" (B, 3, H, W) in [0, 1] and "label" (B,) int64.
         attacks: name -> ``attack(x, y) -> x_adv`` (e.g. a PGD and an eps sweep); may be empty.
+            Each runs on the images the model gets right clean (:func:`robust`).
         max_examples: evaluate only the first N images (0 = all).
 
     Returns:
@@ -49,9 +64,10 @@ def evaluate_accuracy(
 
     def score(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, labels = batch["image"], batch["label"]
-        scores = {"clean": correct(model, images, labels)}
+        clean = correct(model, images, labels)
+        scores = {"clean": clean}
         for name, attack in attacks.items():
-            scores[name] = correct(model, attack(images, labels), labels)
+            scores[name] = robust(model, attack, images, labels, clean)
         return scores
 
     with model_mode(model, "eval"):
