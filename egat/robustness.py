@@ -116,6 +116,11 @@ def robust_metrics(model, params: Params, loader, device, transfer_model=None) -
     strong_cfg = ev.attack.model_copy(update={"steps": ev.attack.steps * ck.steps_factor})
     strong = Ensemble(model, [build_attack(model, strong_cfg) for _ in range(ck.restarts)])
     transfer = build_attack(transfer_model, ev.attack) if transfer_model is not None else None
+    # the attacks scored after AutoAttack, by their robust.json key
+    scored = {**{f"apgd@{e:g}": a for e, a in apgd.items()},
+              "square": square, "pgd": pgd, "strong_pgd": strong}
+    if transfer is not None:
+        scored["transfer"] = transfer
     counts = _Counts()
     fooled_by = [0] * len(members)
     n = rising = zero_grad = 0
@@ -134,11 +139,7 @@ def robust_metrics(model, params: Params, loader, device, transfer_model=None) -
                 counts.add("aa", correct(model, x_aa, y), started)
             else:
                 counts.add("aa", robust(model, aa, x, y, clean), started)
-            attacks = {**{f"apgd@{e:g}": a for e, a in apgd.items()},
-                       "square": square, "pgd": pgd, "strong_pgd": strong}
-            if transfer is not None:
-                attacks["transfer"] = transfer
-            for key, attack in attacks.items():
+            for key, attack in scored.items():
                 started = time.perf_counter()
                 counts.add(key, robust(model, attack, x, y, clean), started)
             started = time.perf_counter()
