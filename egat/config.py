@@ -34,6 +34,18 @@ def _fraction(value: Any) -> Any:
     return value
 
 
+def _fractions(value: Any) -> Any:
+    """:func:`_fraction` of each entry of a list."""
+    return [_fraction(e) for e in value] if isinstance(value, list) else value
+
+
+def _increasing_eps(value: list[float]) -> list[float]:
+    if not value or not all(0 <= e <= 1 for e in value) \
+            or any(b <= a for a, b in zip(value, value[1:])):
+        raise ValueError(f"eps must be a non-empty increasing list of values in [0, 1], got {value}")
+    return value
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -371,6 +383,10 @@ class SweepParams(Strict):
     eps: list[float] = [0.01, 0.02, 0.03, 0.04]
     steps: int = Field(5, ge=1)  # CPU budget (docs/results/v3_make_run_breakdown.md); paper: 10
     max_examples: int = Field(100, ge=0)  # test images of the training domains; 0 = all
+    nested: bool = True  # each eps attacks only the images every smaller eps left right
+
+    _eps_fractions = field_validator("eps", mode="before")(lambda v: _fractions(v))
+    _eps_increasing = field_validator("eps")(lambda v: _increasing_eps(v))
 
 
 class FaithfulnessParams(Strict):
@@ -420,17 +436,8 @@ class ChecklistParams(Strict):
     # accuracy (points) by which a comparison of (a)-(d) may go the wrong way (sampling noise)
     tolerance: float = Field(0.0, ge=0)
 
-    @field_validator("eps", mode="before")
-    @classmethod
-    def _eps_fractions(cls, v):
-        return [_fraction(e) for e in v] if isinstance(v, list) else v
-
-    @field_validator("eps")
-    @classmethod
-    def _eps_increasing(cls, v):
-        if not v or not all(0 <= e <= 1 for e in v) or any(b <= a for a, b in zip(v, v[1:])):
-            raise ValueError(f"eps must be a non-empty increasing list of values in [0, 1], got {v}")
-        return v
+    _eps_fractions = field_validator("eps", mode="before")(lambda v: _fractions(v))
+    _eps_increasing = field_validator("eps")(lambda v: _increasing_eps(v))
 
 
 class RobustAttackParams(AttackParams):

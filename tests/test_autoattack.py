@@ -207,3 +207,28 @@ def test_the_attack_sweep_runs_apgd_by_default():
     sweep = attack_sweep(model, params, [{"image": x, "label": y}], "cpu")
     assert sweep["apgd"][f"{EPS:g}"] == pytest.approx(100.0 * robust.float().mean().item())
     assert sweep["apgd"]["0.25"] == 0.0
+
+
+def test_the_nested_sweep_is_the_per_image_worst_case_over_smaller_eps():
+    from egat.build import params_from_dict
+    from egat.evaluation import attack_sweep
+
+    model, x, y, _ = linear_problem(classes=5)
+    forwarded = []  # images the model sees, attacks included
+    model.register_forward_pre_hook(lambda module, args: forwarded.append(len(args[0])))
+    eps = [0.005, 0.01, 0.02, 0.03, 0.05]
+    sweeps, cost = {}, {}
+    for nested in (False, True):
+        forwarded.clear()
+        sweeps[nested] = attack_sweep(model, params_from_dict({"eval": {"sweep": {
+            "attacks": ["fgsm", "pgd"], "eps": eps, "steps": 3, "nested": nested}}}),
+            [{"image": x, "label": y}], "cpu")
+        cost[nested] = sum(forwarded)
+    # the images fooled at a small eps are not attacked again at the larger ones
+    assert cost[True] < 0.8 * cost[False]
+    for name in ("fgsm", "pgd"):
+        alone, nested = ([sweeps[k][name][f"{e:g}"] for e in eps] for k in (False, True))
+        assert nested[0] == alone[0]  # the smallest eps attacks every clean-correct image
+        assert all(n <= a for n, a in zip(nested, alone))
+        assert all(b <= a for a, b in zip(nested, nested[1:]))  # monotone by construction
+        assert alone[0] > alone[-1]  # the eps range spans real robustness

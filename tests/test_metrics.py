@@ -182,6 +182,34 @@ def test_an_attack_runs_only_on_the_clean_correct_images_and_never_repairs_a_mis
     assert seen == [2, 1, 3]
 
 
+def test_a_nested_attack_runs_only_on_the_survivors_of_the_earlier_one():
+    images, labels = coloured_images()  # clean: right, right, wrong (blue), right
+    model = linear_pixel_model(RGB_MODEL)
+    seen = {"small": [], "large": []}
+
+    def turns_blue(name, channel):  # an "attack" that turns the images of one colour blue
+        def attack(x, y):
+            seen[name].append(len(x))
+            out = x.clone()
+            out[x[:, channel, 0, 0] == 1] = images[2]
+            return out
+        return attack
+
+    attacks = {"small": turns_blue("small", 0), "large": turns_blue("large", 1)}
+    alone = evaluate_accuracy(model, loader_of(images, labels, batch_size=4), "cpu", attacks)
+    assert alone == {"clean": 75.0, "small": 25.0, "large": 50.0}  # "small" fools both reds
+    assert seen == {"small": [3], "large": [3]}
+    seen = {"small": [], "large": []}
+    nested = evaluate_accuracy(model, loader_of(images, labels, batch_size=4), "cpu", attacks,
+                               survivors_of={"large": "small"})
+    assert nested == {"clean": 75.0, "small": 25.0, "large": 0.0}  # fooled by either: not robust
+    assert seen == {"small": [3], "large": [1]}  # only the green image survived "small"
+    with pytest.raises(ValueError, match=r"survivors_of\['small'\] = 'large' must name an attack "
+                                         r"listed before 'small'"):
+        evaluate_accuracy(model, loader_of(images, labels), "cpu", attacks,
+                          survivors_of={"small": "large"})
+
+
 def test_accuracy_runs_in_eval_mode_and_restores_the_mode():
     images, labels = coloured_images()
     model = linear_pixel_model(RGB_MODEL).train()

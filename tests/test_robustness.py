@@ -119,6 +119,8 @@ def test_stratified_subset_fills_a_small_class_from_the_others():
     ("robust.transfer_from", "nope", "robust.transfer_from='nope' is unknown"),
     ("robust.checklist.eps", [0.1, 0.05], "robust.checklist.eps: eps must be a non-empty increasing"),
     ("eval.sweep.attacks", ["square"], "eval.sweep.attacks.0: Input should be"),
+    ("eval.sweep.eps", [0.02, 0.01], "eval.sweep.eps: eps must be a non-empty increasing"),
+    ("eval.sweep.eps", [], "eval.sweep.eps: eps must be a non-empty increasing"),
 ])
 def test_bad_params_name_the_key(key, value, needle):
     group, *rest = key.split(".")

@@ -40,6 +40,7 @@ def evaluate_accuracy(
     device: torch.device | str,
     attacks: Mapping[str, AttackFn] | None = None,
     max_examples: int = 0,
+    survivors_of: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
     """Top-1 accuracy (%) on clean images and under each attack, in one pass over ``loader``.
 
@@ -49,6 +50,9 @@ def evaluate_accuracy(
         attacks: name -> ``attack(x, y) -> x_adv`` (e.g. a PGD and an eps sweep); may be empty.
             Each runs on the images the model gets right clean (:func:`robust`).
         max_examples: evaluate only the first N images (0 = all).
+        survivors_of: attack name -> an earlier attack's name: it runs only on the images still
+            right under that one, so an image counts as robust only if it survives both (a
+            sweep over eps nested this way scores the per-image worst case over smaller eps).
 
     Returns:
         ``{"clean": cAcc, <attack name>: aAcc, ...}`` in percent.
@@ -58,16 +62,22 @@ def evaluate_accuracy(
         evaluate_accuracy(model, test_loader, "cpu", {"pgd": PGD(model, 8 / 255, 2 / 255, 10)})
         # {"clean": 54.4, "pgd": 22.0}
     """
-    attacks = dict(attacks or {})
+    attacks, survivors_of = dict(attacks or {}), dict(survivors_of or {})
     if "clean" in attacks:
         raise ValueError("evaluate_accuracy: 'clean' is reserved for the clean accuracy")
+    names = list(attacks)
+    for name, earlier in survivors_of.items():
+        if name not in attacks or earlier not in names[: names.index(name)]:
+            raise ValueError(f"evaluate_accuracy: survivors_of[{name!r}] = {earlier!r} must name "
+                             f"an attack listed before {name!r} (attacks: {names})")
 
     def score(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, labels = batch["image"], batch["label"]
         clean = correct(model, images, labels)
         scores = {"clean": clean}
         for name, attack in attacks.items():
-            scores[name] = robust(model, attack, images, labels, clean)
+            still_right = scores[survivors_of.get(name, "clean")]
+            scores[name] = robust(model, attack, images, labels, still_right)
         return scores
 
     with model_mode(model, "eval"):
