@@ -175,3 +175,13 @@ def test_training_attack_section_times_each_attack_against_pgd10(tmp_path):
     for name, row in rows.items():
         assert row["versus"] == f"{name.split()[0]} PGD-10" and row["value"] > 0
     assert rows["egat PGD-10"]["ratio"] == rows["pgd_at PGD-10"]["ratio"] == 1.0
+
+
+def test_sweep_nesting_refuses_a_folder_without_runs_and_zero_repeats(tmp_path, capsys):
+    from benchmarks.sweep_nesting import main
+
+    for argv, needle in ((["--runs", str(tmp_path)], "no best.pt below it; train the study first"),
+                         (["--repeats", "0"], "--repeats=0: must be >= 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and needle in capsys.readouterr().err
