@@ -3,8 +3,10 @@
 For every trained run under ``--runs`` (``<method>/<domain>/seed<k>/best.pt``, variants included)
 the sweep runs both ways on the same images and seeds, in round-robin order (wall clock, one
 round = one call of each): the seconds of each, their ratio with its range over the rounds, and
-how far the nested curve lies below the eps-by-eps one (it never lies above: an example found
-within a smaller eps is one within every larger eps).
+how many of the sweep's cells lie lower and higher nested, by how much at most. With the same
+random starts a nested cell could only lie lower (an example found within a smaller eps is one
+within every larger eps); the random starts differ, though, because the nested attacks draw them
+for fewer images, so a cell can also lie higher by that sampling noise.
 
     python -m benchmarks.sweep_nesting --runs runs --repeats 1 --out docs/results/sweep_nesting.md
 """
@@ -39,11 +41,11 @@ def compare(checkpoint: Path, repeats: int) -> dict:
                 nested, attack_sweep(model, cell, loader, torch.device("cpu"))))
     timings = round_robin(ways, repeats, warmup=0)
     ratio = timings.ratio("nested", "by_eps")
-    gaps = [sweeps[False][a][e] - sweeps[True][a][e] for a in sweeps[True] for e in sweeps[True][a]]
-    assert min(gaps) >= 0, f"{checkpoint}: the nested sweep lies above the eps-by-eps one"
+    gaps = [sweeps[True][a][e] - sweeps[False][a][e] for a in sweeps[True] for e in sweeps[True][a]]
     return {"run": str(checkpoint.parent), "by_eps_s": timings.median("by_eps"),
-            "nested_s": timings.median("nested"), "ratio": str(ratio),
-            "cells_below": sum(g > 0 for g in gaps), "cells": len(gaps), "max_gap": max(gaps)}
+            "nested_s": timings.median("nested"), "ratio": str(ratio), "cells": len(gaps),
+            "lower": sum(g < 0 for g in gaps), "higher": sum(g > 0 for g in gaps),
+            "most_below": max(-min(gaps), 0.0), "most_above": max(max(gaps), 0.0)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,9 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     total = table[["by_eps_s", "nested_s"]].sum()
     text = (table.to_markdown(index=False, floatfmt=".2f")
             + f"\n\nAll runs: eps by eps {total['by_eps_s']:.1f} s, nested {total['nested_s']:.1f} s "
-            f"({total['nested_s'] / total['by_eps_s']:.2f}x); {int(table['cells_below'].sum())} of "
-            f"{int(table['cells'].sum())} cells lower nested, by at most {table['max_gap'].max():.1f} "
-            "points.\n")
+            f"({total['nested_s'] / total['by_eps_s']:.2f}x); of {int(table['cells'].sum())} cells "
+            f"{int(table['lower'].sum())} lower nested (by at most {table['most_below'].max():.1f} "
+            f"points) and {int(table['higher'].sum())} higher (by at most "
+            f"{table['most_above'].max():.1f}).\n")
     print(text)
     if args.out:
         io.write_text(args.out, text)

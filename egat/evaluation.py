@@ -195,8 +195,9 @@ def attack_sweep(model: Classifier, params: Params, loader, device) -> dict[str,
 
     With ``eval.sweep.nested`` each attack's eps (an increasing list) attacks only the
     images the smaller ones left right: an example within a smaller ball lies in every larger one,
-    so the result is the per-image worst case over eps' <= eps (monotone in eps, never above the
-    eps-by-eps accuracy) at a fraction of the cost once the small eps have fooled most images.
+    so the result is the per-image worst case over eps' <= eps (monotone in eps; with the same
+    random starts never above the eps-by-eps accuracy) at a fraction of the cost once the small
+    eps have fooled most images.
     """
     sweep = params.eval.sweep
     attacks, survivors_of = {}, {}
