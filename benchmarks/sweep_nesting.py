@@ -32,20 +32,23 @@ def compare(checkpoint: Path, repeats: int) -> dict:
     model, params, ckpt = model_from_checkpoint(checkpoint)
     domains = training_domains(params, ckpt["domains"])
     loader = attack_sweep_loader(params, read_splits(params.data.splits_file), domains)
-    sweeps, ways = {}, {}
-    for nested in (False, True):
+    sweeps = {}
+
+    def way(nested: bool):
         cell = params.model_copy(deep=True)
         cell.eval.sweep.nested = nested
-        ways["nested" if nested else "by_eps"] = (
-            lambda cell=cell, nested=nested: sweeps.__setitem__(
-                nested, attack_sweep(model, cell, loader, torch.device("cpu"))))
-    timings = round_robin(ways, repeats, warmup=0)
+
+        def run():
+            sweeps[nested] = attack_sweep(model, cell, loader, torch.device("cpu"))
+        return run
+
+    timings = round_robin({"by_eps": way(False), "nested": way(True)}, repeats, warmup=0)
     ratio = timings.ratio("nested", "by_eps")
     gaps = [sweeps[True][a][e] - sweeps[False][a][e] for a in sweeps[True] for e in sweeps[True][a]]
     return {"run": str(checkpoint.parent), "by_eps_s": timings.median("by_eps"),
             "nested_s": timings.median("nested"), "ratio": str(ratio), "cells": len(gaps),
             "lower": sum(g < 0 for g in gaps), "higher": sum(g > 0 for g in gaps),
-            "most_below": max(-min(gaps), 0.0), "most_above": max(max(gaps), 0.0)}
+            "most_below": max(0.0, -min(gaps)), "most_above": max(0.0, max(gaps))}
 
 
 def main(argv: list[str] | None = None) -> None:
