@@ -103,7 +103,7 @@ def stages_run_by_repro(proj: Path, *flags: str) -> set[str]:
 def test_repro_outputs_reports_metrics_and_mlflow_runs(project):
     reports = project / "reports"
     for name in ("table1_in_domain.md", "table2_ood.md", "paired.md", "attack_sweep.png",
-                 "metrics.json", "studies_paired.md"):
+                 "metrics.json", "studies_paired.md", "studies_paired_floor.md"):
         assert (reports / name).is_file(), name
     metrics = json.loads((reports / "metrics.json").read_text())
     assert set(metrics) == {"erm", "egat"}

@@ -238,6 +238,15 @@ def test_study_stages_end_to_end(tmp_path, monkeypatch):
     paired = pd.read_csv(reports / "studies_paired.csv", index_col="method")
     assert list(paired.index) == ["smoothgrad", "erm", "wo_at"]  # Table III then IV, minus egat
     assert "Not run yet: golden" in (reports / "studies_paired.md").read_text()
+    floor = pd.read_csv(reports / "studies_paired_floor.csv", index_col="method")
+    assert list(floor.index) == ["egat", "smoothgrad", "wo_at"]  # the same rows, minus erm
+    # Differences of the same per-seed values: x - erm = (x - egat) - (erm - egat).
+    column = "grass OOD cAcc"
+    assert floor.loc["egat", column] == pytest.approx(-paired.loc["erm", column])
+    for name in ("smoothgrad", "wo_at"):
+        assert floor.loc[name, column] == pytest.approx(
+            paired.loc[name, column] - paired.loc["erm", column])
+    assert "minus erm (the floor)" in (reports / "studies_paired_floor.md").read_text()
     runtime = (reports / "fig3_runtime.csv").read_text()
     assert {"erm", "egat", "smoothgrad"} <= {line.split(",")[0] for line in runtime.splitlines()[1:]}
     for png in ("table3_sensitivity.png", "fig3_runtime.png", "fig4_case_study.png"):
@@ -247,6 +256,7 @@ def test_study_stages_end_to_end(tmp_path, monkeypatch):
     runs = mlflow.search_runs(experiment_names=["egat"], filter_string="tags.stage = 'studies'")
     assert len(runs) == 1 and runs["metrics.sensitivity/smoothgrad/ood_cacc"].notna().all()
     assert runs["metrics.paired/wo_at/ood_cacc_minus_egat"].notna().all()
+    assert runs["metrics.paired/wo_at/ood_cacc_minus_erm"].notna().all()
 
 
 def test_runtime_points_are_steps_per_epoch_times_step_time(evals, tmp_path, monkeypatch):
